@@ -1,0 +1,61 @@
+"""calloutkit: build, test and run API-gateway callout servers.
+
+Envoy ext_proc (`CalloutServer`), on one runtime (`BaseServer`) with TLS and plaintext
+listeners, truthful gRPC and HTTP health, graceful drain and a command line.
+
+Example::
+
+    from calloutkit import CalloutServer, add_header_mutation
+
+    class Server(CalloutServer):
+        def on_response_headers(self, headers, context):
+            return add_header_mutation(add=[("foo", "bar")])
+"""
+
+from ._config import ServerConfig, parse_address
+from ._context import CalloutContext
+from ._exceptions import CalloutError, CalloutKitError, ConfigError, TargetError
+from ._extproc import CalloutServer, ErrorPolicy
+from ._server import BaseServer, nonblocking
+from .tools import (
+    add_body_mutation,
+    add_dynamic_metadata,
+    add_header_mutation,
+    add_trailer_mutation,
+    body_contains,
+    build_dynamic_forwarding_metadata,
+    deny_callout,
+    get_header,
+    header_dict,
+    header_immediate_response,
+    headers_contain,
+    override_mode,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BaseServer",
+    "CalloutContext",
+    "CalloutError",
+    "CalloutKitError",
+    "CalloutServer",
+    "ConfigError",
+    "ErrorPolicy",
+    "ServerConfig",
+    "TargetError",
+    "add_body_mutation",
+    "add_dynamic_metadata",
+    "add_header_mutation",
+    "add_trailer_mutation",
+    "body_contains",
+    "build_dynamic_forwarding_metadata",
+    "deny_callout",
+    "get_header",
+    "header_dict",
+    "header_immediate_response",
+    "headers_contain",
+    "nonblocking",
+    "override_mode",
+    "parse_address",
+]

@@ -1,0 +1,329 @@
+"""`CalloutServer`: Envoy's L7 external processing (``envoy.service.ext_proc.v3``).
+
+Envoy opens one bidirectional stream per HTTP request and sends one message per phase
+(request headers, body chunks, trailers, then the same for the response). For each message the
+server calls the matching ``on_<phase>`` callback and sends exactly one typed reply back,
+fixing up what Envoy would otherwise reject: content-length after a BUFFERED body change,
+``streamed_response`` in FULL_DUPLEX_STREAMED mode, ``raw_value`` in header mutations.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+from ._context import CalloutContext, StreamAbort
+from ._exceptions import CalloutError, ConfigError
+from ._server import BaseServer, Invoker
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
+
+_Mode = processing_mode_pb2.ProcessingMode
+_BUFFERED = (_Mode.BUFFERED, _Mode.BUFFERED_PARTIAL)
+_DUPLEX = (_Mode.FULL_DUPLEX_STREAMED, _Mode.GRPC)
+_STREAMING = (_Mode.STREAMED, *_DUPLEX)
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+# phase -> (reply type the callback may return, direction: 0 request / 1 response)
+_PHASES: dict[str, tuple[type, int]] = {
+    "request_headers": (pb.HeadersResponse, 0),
+    "response_headers": (pb.HeadersResponse, 1),
+    "request_body": (pb.BodyResponse, 0),
+    "response_body": (pb.BodyResponse, 1),
+    "request_trailers": (pb.TrailersResponse, 0),
+    "response_trailers": (pb.TrailersResponse, 1),
+}
+
+
+class ErrorPolicy(enum.Enum):
+    """What the server answers when a callback raises (or returns something unusable).
+
+    - ``FAIL_CLOSED`` (default): an ImmediateResponse 500 with a generic body; the request
+      does not reach the upstream.
+    - ``CONTINUE``: the empty reply for that phase; the request goes on unmodified.
+    - ``ABORT``: end the stream with gRPC INTERNAL; Envoy applies ``failure_mode_allow`` /
+      ``status_on_error``.
+
+    The traceback is logged in every case; the exception text never reaches the gateway.
+
+    Example::
+
+        CalloutServer(error_policy=ErrorPolicy.CONTINUE)
+    """
+
+    FAIL_CLOSED = "fail_closed"
+    CONTINUE = "continue"
+    ABORT = "abort"
+
+
+_GENERIC_ERROR_BODY = b"internal error in callout\n"
+
+
+class CalloutServer(BaseServer):
+    """An Envoy ext_proc server: override the ``on_*`` callbacks you need.
+
+    Each callback receives the phase's message and a `CalloutContext`, may be ``def`` or
+    ``async def``, and returns one of: ``None`` (continue unmodified), the phase's typed reply
+    (`HeadersResponse`, `BodyResponse`, `TrailersResponse`), an `ImmediateResponse`, or a
+    complete `ProcessingResponse`. Override `process` to handle raw `ProcessingRequest`s.
+
+    Constructor options are those of the documented callout API (``address``, ``port``,
+    ``plaintext_address``, ``health_check_port``, ``cert_chain_path``, ...), plus
+    ``secure_address``, ``disable_tls``, ``grace_period``, ``max_message_size``,
+    ``reflection``, ``workers`` and ``error_policy``.
+
+    Example::
+
+        from calloutkit import CalloutServer, add_header_mutation
+
+        class Server(CalloutServer):
+            def on_response_headers(self, headers, context):
+                return add_header_mutation(add=[("foo", "bar")])
+
+        if __name__ == "__main__":
+            Server().run()
+    """
+
+    def __init__(self, *args: Any, error_policy: ErrorPolicy | str = ErrorPolicy.FAIL_CLOSED,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        try:
+            self.error_policy = ErrorPolicy(error_policy)
+        except ValueError:
+            choices = ", ".join(p.value for p in ErrorPolicy)
+            raise ConfigError(f"error_policy: {error_policy!r} is not one of {choices}") from None
+        cls = type(self)
+        self._custom_process = self.invoker(self.process) if (
+            cls.process is not CalloutServer.process) else None
+        self._callbacks: dict[str, Invoker | None] = {}
+        for phase in _PHASES:
+            name = f"on_{phase}"
+            overridden = getattr(cls, name) is not getattr(CalloutServer, name)
+            self._callbacks[phase] = self.invoker(getattr(self, name)) if overridden else None
+        self._warned_value_only = False
+
+    # -- the documented callbacks -----------------------------------------------------------
+
+    def on_request_headers(self, headers: pb.HttpHeaders, context: Any) -> Any:
+        """Request headers arrived. Return None, HeadersResponse or ImmediateResponse."""
+        return None
+
+    def on_response_headers(self, headers: pb.HttpHeaders, context: Any) -> Any:
+        """Response headers arrived. Return None, HeadersResponse or ImmediateResponse."""
+        return None
+
+    def on_request_body(self, body: pb.HttpBody, context: Any) -> Any:
+        """A request body (or chunk) arrived. Return None, BodyResponse or ImmediateResponse."""
+        return None
+
+    def on_response_body(self, body: pb.HttpBody, context: Any) -> Any:
+        """A response body (or chunk) arrived. Return None, BodyResponse or ImmediateResponse."""
+        return None
+
+    def on_request_trailers(self, trailers: pb.HttpTrailers, context: Any) -> Any:
+        """Request trailers arrived. Return None, TrailersResponse or ImmediateResponse."""
+        return None
+
+    def on_response_trailers(self, trailers: pb.HttpTrailers, context: Any) -> Any:
+        """Response trailers arrived. Return None or TrailersResponse."""
+        return None
+
+    def new_state(self) -> Any:
+        """Make the per-stream state object (``context.state``); a SimpleNamespace by default."""
+        return None
+
+    async def process(self, callout: pb.ProcessingRequest,
+                      context: CalloutContext) -> pb.ProcessingResponse | None:
+        """Answer one `ProcessingRequest`: by default, dispatch to the ``on_*`` callbacks.
+
+        Override it (``def`` or ``async def``) to work on raw messages; return the
+        `ProcessingResponse` to send. Returning None sends nothing for that message, which
+        Envoy only tolerates in observability mode.
+        """
+        return await self._dispatch(callout, context)
+
+    # -- the stream ---------------------------------------------------------------------------
+
+    def _handlers(self) -> Sequence[tuple[str, grpc.GenericRpcHandler]]:
+        handler = grpc.method_handlers_generic_handler(SERVICE_NAME, {
+            "Process": grpc.stream_stream_rpc_method_handler(
+                self._stream,
+                request_deserializer=pb.ProcessingRequest.FromString,
+                response_serializer=pb.ProcessingResponse.SerializeToString),
+        })
+        return [(SERVICE_NAME, handler)]
+
+    async def _stream(self, requests: AsyncIterator[pb.ProcessingRequest],
+                      grpc_context: Any) -> AsyncIterator[pb.ProcessingResponse]:
+        if not self._enter_stream():
+            await self._refuse(grpc_context)
+            return
+        try:
+            context = CalloutContext(grpc_context, self.new_state())
+            async for request in requests:
+                response = await self._answer(request, context)
+                if response is not None and not request.observability_mode:
+                    yield response
+        except StreamAbort as abort:
+            await grpc_context.abort(abort.code, abort.details)
+        finally:
+            self._leave_stream()
+
+    async def _answer(self, request: pb.ProcessingRequest,
+                      context: CalloutContext) -> pb.ProcessingResponse | None:
+        context.request = request
+        if request.HasField("protocol_config"):
+            config = request.protocol_config
+            context.request_body_mode = config.request_body_mode
+            context.response_body_mode = config.response_body_mode
+        if self._custom_process is None:
+            return await self._dispatch(request, context)
+        try:
+            response = await self._custom_process(request, context)
+            if response is not None and not isinstance(response, pb.ProcessingResponse):
+                raise CalloutError(f"process() returned {type(response).__name__}; expected "
+                                   "ProcessingResponse or None")
+            return response
+        except StreamAbort:
+            raise
+        except Exception:
+            logger.exception("process() failed")
+            return await self._on_error(request.WhichOneof("request"), request, context)
+
+    async def _dispatch(self, request: pb.ProcessingRequest,
+                        context: CalloutContext) -> pb.ProcessingResponse | None:
+        phase = request.WhichOneof("request")
+        if phase is None:
+            logger.warning("ProcessingRequest without a phase; ignoring it")
+            return None
+        message = getattr(request, phase)
+        if phase == "request_headers":
+            context.request_headers = message
+            context._content_length[0] = _has_content_length(message)
+        elif phase == "response_headers":
+            context.response_headers = message
+            context._content_length[1] = _has_content_length(message)
+        callback = self._callbacks[phase]
+        if callback is None:
+            return self._reply(phase, None, request, context)
+        try:
+            return self._reply(phase, await callback(message, context), request, context)
+        except StreamAbort:
+            raise
+        except Exception:
+            logger.exception("on_%s failed", phase)
+            return await self._on_error(phase, request, context)
+
+    async def _on_error(self, phase: str | None, request: pb.ProcessingRequest,
+                        context: CalloutContext) -> pb.ProcessingResponse | None:
+        if self.error_policy is ErrorPolicy.ABORT or phase is None:
+            raise StreamAbort(grpc.StatusCode.INTERNAL, "callout failed")
+        if self.error_policy is ErrorPolicy.CONTINUE:
+            return self._reply(phase, None, request, context)
+        immediate = pb.ImmediateResponse(body=_GENERIC_ERROR_BODY,
+                                         details="calloutkit_callback_error")
+        immediate.status.code = 500
+        return pb.ProcessingResponse(immediate_response=immediate)
+
+    def _reply(self, phase: str, result: Any, request: pb.ProcessingRequest,
+               context: CalloutContext) -> pb.ProcessingResponse:
+        expected, direction = _PHASES[phase]
+        if result is None:
+            response = pb.ProcessingResponse()
+            getattr(response, phase).SetInParent()
+        elif isinstance(result, expected):
+            response = pb.ProcessingResponse()
+            getattr(response, phase).CopyFrom(result)
+        elif isinstance(result, pb.ProcessingResponse):
+            response = result
+        elif isinstance(result, pb.ImmediateResponse):
+            _fix_value_only(result.headers, self)
+            return pb.ProcessingResponse(immediate_response=result)
+        else:
+            raise CalloutError(f"on_{phase} returned {type(result).__name__}; expected None, "
+                               f"{expected.__name__}, ImmediateResponse or ProcessingResponse")
+        which = response.WhichOneof("response")
+        if which == "immediate_response":
+            _fix_value_only(response.immediate_response.headers, self)
+            return response
+        if which is None:
+            return response
+        payload = getattr(response, which)
+        if which.endswith("_trailers"):
+            _fix_value_only(payload.header_mutation, self)
+            return response
+        common = payload.response
+        _fix_value_only(common.header_mutation, self)
+        if which.endswith("_headers"):
+            self._after_headers(response, common, direction, context)
+        elif which.endswith("_body"):
+            _shape_body(common, getattr(request, phase, None), direction, context)
+        return response
+
+    def _after_headers(self, response: pb.ProcessingResponse, common: pb.CommonResponse,
+                       direction: int, context: CalloutContext) -> None:
+        if response.HasField("mode_override"):
+            override = response.mode_override
+            if direction == 0:
+                if (override.request_body_mode in _STREAMING
+                        and context.request_body_mode not in _STREAMING
+                        and context._content_length[0]):
+                    # Envoy strips content-length only for modes configured as streaming; after
+                    # an override a changed chunk would otherwise mismatch it and give a 500.
+                    common.header_mutation.remove_headers.append("content-length")
+                context.request_body_mode = override.request_body_mode
+            if (override.response_body_mode in _STREAMING
+                    and context.response_body_mode not in _STREAMING):
+                context._strip_response_length = True
+            context.response_body_mode = override.response_body_mode
+        if direction == 1 and context._strip_response_length and context._content_length[1]:
+            common.header_mutation.remove_headers.append("content-length")
+
+
+def _has_content_length(headers: pb.HttpHeaders) -> bool:
+    return any(h.key == "content-length" for h in headers.headers.headers)
+
+
+def _shape_body(common: pb.CommonResponse, body: pb.HttpBody | None, direction: int,
+                context: CalloutContext) -> None:
+    mode = context.request_body_mode if direction == 0 else context.response_body_mode
+    mutation = common.body_mutation
+    kind = mutation.WhichOneof("mutation")
+    if mode in _DUPLEX:
+        # FULL_DUPLEX_STREAMED only accepts streamed_response; Envoy forwards nothing else.
+        if kind == "streamed_response":
+            return
+        data = mutation.body if kind == "body" else (
+            b"" if kind == "clear_body" else (body.body if body is not None else b""))
+        mutation.streamed_response.body = data
+        mutation.streamed_response.end_of_stream = bool(body is not None and body.end_of_stream)
+        return
+    if (mode in _BUFFERED and kind in ("body", "clear_body") and context._content_length[direction]
+            and not any(o.header.key.lower() == "content-length"
+                        for o in common.header_mutation.set_headers)):
+        length = len(mutation.body) if kind == "body" else 0
+        if body is None or length != len(body.body):
+            common.header_mutation.set_headers.append(base_pb2.HeaderValueOption(
+                header=base_pb2.HeaderValue(key="content-length", raw_value=str(length).encode()),
+                append_action=_OVERWRITE))
+
+
+def _fix_value_only(mutation: Any, server: CalloutServer) -> None:
+    for option in mutation.set_headers:
+        header = option.header
+        if header.value and not header.raw_value:
+            # Envoy reads only raw_value; a value-only header would arrive empty.
+            header.raw_value = header.value.encode()
+            if not server._warned_value_only:
+                server._warned_value_only = True
+                logger.warning("header %r was set with HeaderValue.value only; Envoy ignores "
+                               "value, so calloutkit copied it to raw_value", header.key)

@@ -1,0 +1,59 @@
+"""HTTP health checks: a tiny HTTP/1.1 responder that tells the truth about the server.
+
+GET and HEAD answer 200 while the server is serving and 503 from the moment it starts draining;
+anything else is 405. Load balancers probe this; it runs on the server's own event loop, so a
+stalled loop shows up as a failed probe, which is also the truth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Callable
+
+logger = logging.getLogger(__name__)
+
+_MAX_HEAD = 8192
+
+
+class HttpHealthServer:
+    """Serve ``GET``/``HEAD`` health probes on one address, optionally over HTTPS."""
+
+    def __init__(self, is_serving: Callable[[], bool]) -> None:
+        self._is_serving = is_serving
+        self._server: asyncio.Server | None = None
+
+    async def start(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> int:
+        """Bind and start; return the bound port (useful with port 0)."""
+        self._server = await asyncio.start_server(self._handle, host, port, ssl=tls,
+                                                  reuse_address=True)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=10)
+            method = head.split(b" ", 1)[0].decode("latin-1")
+            if method not in ("GET", "HEAD"):
+                status, body = "405 Method Not Allowed", b"method not allowed\n"
+            elif self._is_serving():
+                status, body = "200 OK", b"ok\n"
+            else:
+                status, body = "503 Service Unavailable", b"draining\n"
+            allow = "Allow: GET, HEAD\r\n" if status.startswith("405") else ""
+            writer.write(
+                (f"HTTP/1.1 {status}\r\nContent-Type: text/plain\r\n{allow}"
+                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+                + (b"" if method == "HEAD" else body))
+            await writer.drain()
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError,
+                ConnectionError, ssl.SSLError):
+            pass  # a probe that hangs up or sends garbage gets nothing; the server carries on
+        finally:
+            writer.close()

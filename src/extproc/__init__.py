@@ -1,0 +1,1 @@
+"""Drop-in import paths of the documented callout API, served by calloutkit."""

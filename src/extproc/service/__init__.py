@@ -1,0 +1,1 @@
+"""``extproc.service``: aliases of calloutkit under the documented module names."""
