@@ -17,37 +17,14 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from ._config import DEFAULT_CERT_CHAIN_PATH, DEFAULT_PRIVATE_KEY_PATH, parse_address
-from ._exceptions import CalloutKitError, ConfigError
-
-ENV_PREFIX = "CALLOUTKIT_"
-
-# (option, kind, help); kind: address | int | float | bool | str | path
-SERVER_OPTIONS: tuple[tuple[str, str, str], ...] = (
-    ("address", "address", "TLS gRPC address HOST:PORT (default: DEFAULT_IP:8443)"),
-    ("secure_address", "address", "same as --address"),
-    ("port", "int", "port of the TLS address"),
-    ("plaintext_address", "address", "plaintext (h2c) gRPC address (default: DEFAULT_IP:8080)"),
-    ("plaintext_port", "int", "port of the plaintext address"),
-    ("health_check_address", "address", "HTTP health address (default: DEFAULT_IP:8000)"),
-    ("health_check_port", "int", "port of the HTTP health address"),
-    ("combined_health_check", "bool", "no separate HTTP health server; gRPC health only"),
-    ("secure_health_check", "bool", "serve HTTP health over HTTPS"),
-    ("disable_plaintext", "bool", "no plaintext listener"),
-    ("disable_tls", "bool", "no TLS listener"),
-    ("default_ip", "str", "IP for addresses not given in full (default 0.0.0.0)"),
-    ("cert_chain_path", "path", "PEM certificate chain for TLS"),
-    ("private_key_path", "path", "PEM private key for TLS"),
-    ("server_thread_count", "int", "threads that run synchronous callbacks"),
-    ("grace_period", "float", "seconds streams in flight get to finish on shutdown"),
-    ("max_message_size", "int", "largest gRPC message accepted or sent, in bytes"),
-    ("reflection", "bool", "serve gRPC reflection"),
-    ("workers", "int", "worker processes sharing the ports (Linux)"),
+from ._config import (
+    ENV_PREFIX,
+    PATH_DEFAULTS,
+    SERVER_OPTIONS,
+    env_value,
+    parse_address,
 )
-_PATH_DEFAULTS = {"cert_chain_path": DEFAULT_CERT_CHAIN_PATH,
-                  "private_key_path": DEFAULT_PRIVATE_KEY_PATH}
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
+from ._exceptions import CalloutKitError, ConfigError
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -68,27 +45,6 @@ _TYPES: dict[str, Callable[[str], Any]] = {"address": _address, "int": int, "flo
                                            "str": str, "path": str}
 
 
-def env_value(option: str, kind: str, environ: Any = None) -> Any:
-    """Read ``CALLOUTKIT_<OPTION>``; None when unset. Raises `ConfigError` on a bad value."""
-    environ = os.environ if environ is None else environ
-    name = ENV_PREFIX + option.upper()
-    if name not in environ:
-        return None
-    raw = environ[name]
-    try:
-        if kind == "bool":
-            if raw.strip().lower() in _TRUE:
-                return True
-            if raw.strip().lower() in _FALSE:
-                return False
-            raise ValueError("expected true or false")
-        if kind == "address":
-            return parse_address(raw, name)
-        return _TYPES[kind](raw)
-    except (ValueError, ConfigError) as exc:
-        raise ConfigError(f"{name}={raw!r}: {str(exc).removeprefix(name + ': ')}") from None
-
-
 def add_server_arguments(parser: argparse.ArgumentParser, environ: Any = None) -> None:
     """Add every server option as a flag, with defaults from ``CALLOUTKIT_*`` variables."""
     group = parser.add_argument_group("server options (also CALLOUTKIT_<OPTION> variables)")
@@ -98,7 +54,7 @@ def add_server_arguments(parser: argparse.ArgumentParser, environ: Any = None) -
             flags.append(f"--{option.replace('_', '-')}")
         default = env_value(option, kind, environ)
         if default is None:
-            default = _PATH_DEFAULTS.get(option)
+            default = PATH_DEFAULTS.get(option)
         if kind == "bool":
             group.add_argument(*flags, dest=option, action=argparse.BooleanOptionalAction
                                if option == "reflection" else "store_true",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from ._exceptions import ConfigError
@@ -29,6 +30,86 @@ DEFAULT_PRIVATE_KEY_PATH = "./extproc/ssl_creds/privatekey.pem"
 # twice; 32 MiB leaves room for raised gateway limits without letting one message eat memory.
 DEFAULT_MAX_MESSAGE_SIZE = 32 * 1024 * 1024
 DEFAULT_GRACE_PERIOD = 30.0
+
+
+ENV_PREFIX = "CALLOUTKIT_"
+
+# Every server option: (name, kind, help). The kind drives flag types and environment parsing;
+# kinds are address | int | float | bool | str | path.
+SERVER_OPTIONS: tuple[tuple[str, str, str], ...] = (
+    ("address", "address", "TLS gRPC address HOST:PORT (default: DEFAULT_IP:8443)"),
+    ("secure_address", "address", "same as --address"),
+    ("port", "int", "port of the TLS address"),
+    ("plaintext_address", "address", "plaintext (h2c) gRPC address (default: DEFAULT_IP:8080)"),
+    ("plaintext_port", "int", "port of the plaintext address"),
+    ("health_check_address", "address", "HTTP health address (default: DEFAULT_IP:8000)"),
+    ("health_check_port", "int", "port of the HTTP health address"),
+    ("combined_health_check", "bool", "no separate HTTP health server; gRPC health only"),
+    ("secure_health_check", "bool", "serve HTTP health over HTTPS"),
+    ("disable_plaintext", "bool", "no plaintext listener"),
+    ("disable_tls", "bool", "no TLS listener"),
+    ("default_ip", "str", "IP for addresses not given in full (default 0.0.0.0)"),
+    ("cert_chain_path", "path", "PEM certificate chain for TLS"),
+    ("private_key_path", "path", "PEM private key for TLS"),
+    ("server_thread_count", "int", "threads that run synchronous callbacks"),
+    ("grace_period", "float", "seconds streams in flight get to finish on shutdown"),
+    ("max_message_size", "int", "largest gRPC message accepted or sent, in bytes"),
+    ("reflection", "bool", "serve gRPC reflection"),
+    ("workers", "int", "worker processes sharing the ports (Linux)"),
+)
+PATH_DEFAULTS = {"cert_chain_path": DEFAULT_CERT_CHAIN_PATH,
+                 "private_key_path": DEFAULT_PRIVATE_KEY_PATH}
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def env_value(option: str, kind: str, environ: Mapping[str, str] | None = None) -> Any:
+    """Read ``CALLOUTKIT_<OPTION>``; None when unset. Raises `ConfigError` on a bad value.
+
+    >>> env_value("plaintext_port", "int", {"CALLOUTKIT_PLAINTEXT_PORT": "9000"})
+    9000
+    """
+    environ = os.environ if environ is None else environ
+    name = ENV_PREFIX + option.upper()
+    if name not in environ:
+        return None
+    raw = environ[name]
+    try:
+        if kind == "bool":
+            if raw.strip().lower() in _TRUE:
+                return True
+            if raw.strip().lower() in _FALSE:
+                return False
+            raise ValueError("expected true or false")
+        if kind == "address":
+            return parse_address(raw, name)
+        if kind in ("int", "float"):
+            return int(raw) if kind == "int" else float(raw)
+        return raw
+    except (ValueError, ConfigError) as exc:
+        raise ConfigError(f"{name}={raw!r}: {str(exc).removeprefix(name + ': ')}") from None
+
+
+def merge_environment(options: Mapping[str, Any],
+                      environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Fill the options a caller left at their defaults from ``CALLOUTKIT_*`` variables.
+
+    Explicit arguments win; a variable only fills what was not given.
+
+    >>> merge_environment({"plaintext_port": None}, {"CALLOUTKIT_PLAINTEXT_PORT": "9"})
+    {'plaintext_port': 9}
+    """
+    merged = dict(options)
+    for option, kind, _ in SERVER_OPTIONS:
+        if option not in merged:
+            continue
+        current = merged[option]
+        if (current is None or (kind == "bool" and current is False)
+                or current == PATH_DEFAULTS.get(option)):
+            value = env_value(option, kind, environ)
+            if value is not None:
+                merged[option] = value
+    return merged
 
 
 def parse_address(value: object, option: str = "address") -> Address:
@@ -123,11 +204,10 @@ class ServerConfig:
         server_thread_count: int | None = None,
         secure_address: Any = None,
         disable_tls: bool = False,
-        grace_period: float = DEFAULT_GRACE_PERIOD,
-        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
-        reflection: bool = False,
-        workers: int = 1,
-        default_plaintext: bool = True,
+        grace_period: float | None = None,
+        max_message_size: int | None = None,
+        reflection: bool | None = None,
+        workers: int | None = None,
     ) -> ServerConfig:
         """Resolve the documented constructor options into a validated config."""
         ip = default_ip or DEFAULT_IP
@@ -141,8 +221,7 @@ class ServerConfig:
         health: Address | None = _listener(
             health_check_address, health_check_port, ip, DEFAULT_HEALTH_PORT,
             "health_check_address")
-        if disable_plaintext or (not default_plaintext and plaintext_address is None
-                                 and plaintext_port is None):
+        if disable_plaintext:
             plain = None
         if combined_health_check:
             health = None
@@ -164,6 +243,10 @@ class ServerConfig:
         if secure is None and plain is None:
             raise ConfigError("no listener: TLS is off (no certificate, or disable_tls) and "
                               "plaintext is disabled; enable one of them")
+        grace_period = DEFAULT_GRACE_PERIOD if grace_period is None else grace_period
+        max_message_size = (DEFAULT_MAX_MESSAGE_SIZE if max_message_size is None
+                            else max_message_size)
+        workers = 1 if workers is None else workers
         if server_thread_count is None:
             server_thread_count = min(32, (os.cpu_count() or 1) + 4)
         if server_thread_count < 1:

@@ -24,7 +24,7 @@ import signal
 import ssl
 import tempfile
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -32,11 +32,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from ._config import (
     DEFAULT_CERT_CHAIN_PATH,
-    DEFAULT_GRACE_PERIOD,
-    DEFAULT_MAX_MESSAGE_SIZE,
     DEFAULT_PRIVATE_KEY_PATH,
     ServerConfig,
     format_address,
+    merge_environment,
 )
 from ._exceptions import ConfigError
 from ._health import HttpHealthServer
@@ -99,6 +98,9 @@ class BaseServer(abc.ABC):
 
     Subclasses implement `_handlers`; users subclass the concrete kinds (`CalloutServer`,
     `NetworkCalloutServer`, ...). Construction validates every option and raises `ConfigError`.
+    Options left at their defaults are filled from ``CALLOUTKIT_<OPTION>`` environment
+    variables (``environ`` replaces `os.environ`), so a deployment can move ports without
+    touching code.
 
     Example (embedding, e.g. in tests)::
 
@@ -132,23 +134,26 @@ class BaseServer(abc.ABC):
         *,
         secure_address: Any = None,
         disable_tls: bool = False,
-        grace_period: float = DEFAULT_GRACE_PERIOD,
-        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        grace_period: float | None = None,
+        max_message_size: int | None = None,
         reflection: bool | None = None,
-        workers: int = 1,
+        workers: int | None = None,
+        environ: Mapping[str, str] | None = None,
     ) -> None:
-        self.config = ServerConfig.build(
+        options = merge_environment(dict(
             address=address, port=port, health_check_address=health_check_address,
             health_check_port=health_check_port, combined_health_check=combined_health_check,
             secure_health_check=secure_health_check, plaintext_address=plaintext_address,
             plaintext_port=plaintext_port, disable_plaintext=disable_plaintext,
-            default_ip=default_ip, cert_chain=cert_chain, cert_chain_path=cert_chain_path,
-            private_key=private_key, private_key_path=private_key_path,
-            server_thread_count=server_thread_count, secure_address=secure_address,
-            disable_tls=disable_tls, grace_period=grace_period,
-            max_message_size=max_message_size,
-            reflection=self.default_reflection if reflection is None else reflection,
-            workers=workers)
+            default_ip=default_ip, cert_chain_path=cert_chain_path,
+            private_key_path=private_key_path, server_thread_count=server_thread_count,
+            secure_address=secure_address, disable_tls=disable_tls, grace_period=grace_period,
+            max_message_size=max_message_size, reflection=reflection, workers=workers),
+            environ)
+        if options["reflection"] is None:
+            options["reflection"] = self.default_reflection
+        self.config = ServerConfig.build(cert_chain=cert_chain, private_key=private_key,
+                                         **options)
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=self.config.thread_count, thread_name_prefix="calloutkit-callback")
         self._grpc: grpc.aio.Server | None = None

@@ -4,6 +4,9 @@
   server on kernel-chosen ports, and read its stats.
 - `UpstreamServer`: an HTTP/1.1 upstream that echoes what reached it.
 - `http_request`: an HTTP/1.1 client that can send and read trailers.
+- `CalloutClient`: drive a server in process, phase by phase, with no sockets and no Envoy;
+  `http_headers`, `http_body`, `http_trailers` build the messages, `header_changes` and
+  `header_removals` read a reply.
 
 Example::
 
@@ -19,15 +22,33 @@ Example::
 
 from __future__ import annotations
 
+from ._client import (
+    CalloutClient,
+    CalloutStream,
+    StreamEnded,
+    header_changes,
+    header_removals,
+    http_body,
+    http_headers,
+    http_trailers,
+)
 from ._envoy import Envoy, envoy_config, find_envoy
 from ._http1 import HttpResponse, http_request
 from ._upstream import UpstreamServer
 
 __all__ = [
+    "CalloutClient",
+    "CalloutStream",
     "Envoy",
     "HttpResponse",
+    "StreamEnded",
     "UpstreamServer",
     "envoy_config",
     "find_envoy",
+    "header_changes",
+    "header_removals",
+    "http_body",
+    "http_headers",
     "http_request",
+    "http_trailers",
 ]

@@ -1,0 +1,262 @@
+"""`CalloutClient`: drive a `CalloutServer` in process, phase by phase, with no sockets.
+
+The server's own stream handler runs exactly as under Envoy (same dispatch, same reply shaping,
+same error policy); only the transport is replaced by two in-memory queues.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from typing import Any
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from google.protobuf import json_format
+
+from ._extproc import CalloutServer
+
+HeaderInput = Mapping[str, str | bytes] | Iterable[tuple[str, str | bytes]]
+_Mode = processing_mode_pb2.ProcessingMode
+
+
+class StreamEnded(Exception):
+    """The server ended the stream with a gRPC status instead of answering."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+def header_map(headers: HeaderInput) -> base_pb2.HeaderMap:
+    """A `HeaderMap` (values in ``raw_value``, as Envoy sends them)."""
+    items = headers.items() if isinstance(headers, Mapping) else headers
+    out = base_pb2.HeaderMap()
+    for key, value in items:
+        out.headers.add(key=key.lower(),
+                        raw_value=value if isinstance(value, bytes) else str(value).encode())
+    return out
+
+
+def http_headers(headers: HeaderInput, end_of_stream: bool = False) -> pb.HttpHeaders:
+    """Build `HttpHeaders` as Envoy sends them.
+
+    >>> http_headers({":path": "/", ":method": "GET"}, end_of_stream=True).end_of_stream
+    True
+    """
+    return pb.HttpHeaders(headers=header_map(headers), end_of_stream=end_of_stream)
+
+
+def http_body(body: bytes | str, end_of_stream: bool = True) -> pb.HttpBody:
+    """Build an `HttpBody` chunk.
+
+    >>> http_body("hi").body
+    b'hi'
+    """
+    return pb.HttpBody(body=body.encode() if isinstance(body, str) else body,
+                       end_of_stream=end_of_stream)
+
+
+def http_trailers(trailers: HeaderInput) -> pb.HttpTrailers:
+    """Build `HttpTrailers`."""
+    return pb.HttpTrailers(trailers=header_map(trailers))
+
+
+def header_changes(response: pb.ProcessingResponse) -> dict[str, str]:
+    """The headers a reply sets, as ``{name: value}``, whichever phase it answers.
+
+    >>> header_changes(pb.ProcessingResponse())
+    {}
+    """
+    mutation = _mutation(response)
+    if mutation is None:
+        return {}
+    return {o.header.key: o.header.raw_value.decode("utf-8", "replace")
+            for o in mutation.set_headers}
+
+
+def header_removals(response: pb.ProcessingResponse) -> list[str]:
+    """The header names a reply removes."""
+    mutation = _mutation(response)
+    return list(mutation.remove_headers) if mutation is not None else []
+
+
+def _mutation(response: pb.ProcessingResponse) -> Any:
+    which = response.WhichOneof("response")
+    if which is None:
+        return None
+    payload = getattr(response, which)
+    if which == "immediate_response":
+        return payload.headers
+    if which.endswith("_trailers"):
+        return payload.header_mutation
+    return payload.response.header_mutation
+
+
+class _FakeContext:
+    """The part of `grpc.aio.ServicerContext` a callout may touch, for in-process streams."""
+
+    def __init__(self, metadata: Sequence[tuple[str, str]]) -> None:
+        self._metadata = tuple(metadata)
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._metadata
+
+    def peer(self) -> str:
+        return "in-process"
+
+    def time_remaining(self) -> float | None:
+        return None
+
+    def cancelled(self) -> bool:
+        return False
+
+    async def abort(self, code: grpc.StatusCode, details: str = "") -> None:
+        raise StreamEnded(code, details)
+
+
+class CalloutStream:
+    """One ext_proc stream (one HTTP request) against an in-process server.
+
+    Each phase method sends one message and returns the server's reply (None in observability
+    mode). Raises `StreamEnded` when the server ends the stream with a status.
+    """
+
+    def __init__(self, server: CalloutServer, config: pb.ProtocolConfiguration,
+                 observability: bool, metadata: Sequence[tuple[str, str]]) -> None:
+        self._server = server
+        self._config = config
+        self._observability = observability
+        self._inbox: asyncio.Queue[pb.ProcessingRequest | None] = asyncio.Queue()
+        self._outbox: asyncio.Queue[pb.ProcessingResponse | BaseException] = asyncio.Queue()
+        self._consumed = asyncio.Event()
+        self._first = True
+        self._task = asyncio.ensure_future(self._run(_FakeContext(metadata)))
+
+    async def _requests(self) -> AsyncIterator[pb.ProcessingRequest]:
+        while True:
+            self._consumed.set()  # asking for the next message means the last one is done
+            request = await self._inbox.get()
+            if request is None:
+                return
+            self._consumed.clear()
+            yield request
+
+    async def _run(self, context: _FakeContext) -> None:
+        try:
+            async for response in self._server._stream(self._requests(), context):
+                await self._outbox.put(response)
+        except BaseException as exc:  # handed to the caller of send()
+            await self._outbox.put(exc)
+
+    async def send(self, request: pb.ProcessingRequest) -> pb.ProcessingResponse | None:
+        """Send a raw `ProcessingRequest`; protocol_config is added to the first one."""
+        if self._first:
+            self._first = False
+            if not request.HasField("protocol_config"):
+                request.protocol_config.CopyFrom(self._config)
+        if self._observability:
+            request.observability_mode = True
+        self._consumed.clear()
+        await self._inbox.put(request)
+        if self._observability:
+            waiter = asyncio.ensure_future(self._consumed.wait())
+            await asyncio.wait([waiter, self._task], return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            if self._task.done() and not self._outbox.empty():
+                self._raise(self._outbox.get_nowait())
+            return None
+        item = await self._outbox.get()
+        return self._raise(item)
+
+    @staticmethod
+    def _raise(item: pb.ProcessingResponse | BaseException) -> pb.ProcessingResponse:
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    async def request_headers(self, headers: HeaderInput, end_of_stream: bool = False,
+                              attributes: Mapping[str, Mapping[str, Any]] | None = None,
+                              metadata: Mapping[str, Mapping[str, Any]] | None = None,
+                              ) -> pb.ProcessingResponse | None:
+        """Send request headers (``attributes`` and ``metadata`` as Envoy would attach them)."""
+        request = pb.ProcessingRequest(request_headers=http_headers(headers, end_of_stream))
+        for name, values in (attributes or {}).items():
+            json_format.ParseDict(dict(values), request.attributes[name])
+        for namespace, values in (metadata or {}).items():
+            json_format.ParseDict(dict(values),
+                                  request.metadata_context.filter_metadata[namespace])
+        return await self.send(request)
+
+    async def response_headers(self, headers: HeaderInput,
+                               end_of_stream: bool = False) -> pb.ProcessingResponse | None:
+        """Send response headers."""
+        return await self.send(pb.ProcessingRequest(
+            response_headers=http_headers(headers, end_of_stream)))
+
+    async def request_body(self, body: bytes | str,
+                           end_of_stream: bool = True) -> pb.ProcessingResponse | None:
+        """Send a request body chunk."""
+        return await self.send(pb.ProcessingRequest(request_body=http_body(body, end_of_stream)))
+
+    async def response_body(self, body: bytes | str,
+                            end_of_stream: bool = True) -> pb.ProcessingResponse | None:
+        """Send a response body chunk."""
+        return await self.send(pb.ProcessingRequest(
+            response_body=http_body(body, end_of_stream)))
+
+    async def request_trailers(self, trailers: HeaderInput) -> pb.ProcessingResponse | None:
+        """Send request trailers."""
+        return await self.send(pb.ProcessingRequest(request_trailers=http_trailers(trailers)))
+
+    async def response_trailers(self, trailers: HeaderInput) -> pb.ProcessingResponse | None:
+        """Send response trailers."""
+        return await self.send(pb.ProcessingRequest(response_trailers=http_trailers(trailers)))
+
+    async def close(self) -> None:
+        """Half-close the stream and wait for the server to finish it."""
+        await self._inbox.put(None)
+        await asyncio.gather(self._task, return_exceptions=True)
+
+    async def __aenter__(self) -> CalloutStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class CalloutClient:
+    """Test a `CalloutServer` subclass without Envoy or sockets.
+
+    Example::
+
+        async def test_adds_header():
+            client = CalloutClient(MyServer(plaintext_address=("127.0.0.1", 0),
+                                            disable_tls=True, combined_health_check=True),
+                                   request_body_mode="BUFFERED")
+            async with client.stream() as stream:
+                reply = await stream.request_headers({":path": "/", ":method": "POST"})
+                assert header_changes(reply) == {"x-seen": "1"}
+                reply = await stream.request_body(b"hello")
+    """
+
+    def __init__(self, server: CalloutServer, *, request_body_mode: str | int = "NONE",
+                 response_body_mode: str | int = "NONE", observability_mode: bool = False,
+                 metadata: Sequence[tuple[str, str]] = ()) -> None:
+        self.server = server
+        self._config = pb.ProtocolConfiguration(
+            request_body_mode=_body_mode(request_body_mode),  # type: ignore[arg-type]
+            response_body_mode=_body_mode(response_body_mode))  # type: ignore[arg-type]
+        self._observability = observability_mode
+        self._metadata = metadata
+
+    def stream(self) -> CalloutStream:
+        """Open a new stream (one HTTP request); use it as ``async with``."""
+        return CalloutStream(self.server, self._config, self._observability, self._metadata)
+
+
+def _body_mode(mode: str | int) -> int:
+    return int(_Mode.BodySendMode.Value(mode.upper())) if isinstance(mode, str) else int(mode)
