@@ -1,0 +1,102 @@
+"""Options: documented defaults, environment, validation with one-line errors."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+
+from calloutkit import CalloutServer, ConfigError, ServerConfig, parse_address
+
+
+def test_documented_default_ports(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no ./extproc/ssl_creds here
+    config = ServerConfig.build()
+    assert config.plaintext_address == ("0.0.0.0", 8080)
+    assert config.health_check_address == ("0.0.0.0", 8000)
+    assert config.secure_address is None  # no certificate at the default path
+
+
+def test_default_certificate_paths_enable_tls_when_present(tmp_path, monkeypatch, certs):
+    folder = tmp_path / "extproc" / "ssl_creds"
+    folder.mkdir(parents=True)
+    (folder / "chain.pem").write_bytes(certs.cert_pem)
+    (folder / "privatekey.pem").write_bytes(certs.key_pem)
+    monkeypatch.chdir(tmp_path)
+    config = ServerConfig.build(default_ip="127.0.0.1")
+    assert config.secure_address == ("127.0.0.1", 8443)
+    assert config.cert_chain == certs.cert_pem
+
+
+def test_missing_default_certificate_warns_once_and_says_how(tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        ServerConfig.build()
+    warnings = [r.message for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "TLS listener not started" in warnings[0] and "cert_chain_path" in warnings[0]
+
+
+def test_explicit_unreadable_certificate_names_the_file():
+    with pytest.raises(ConfigError) as error:
+        ServerConfig.build(cert_chain_path="/nonexistent/chain.pem",
+                           private_key_path="/nonexistent/key.pem")
+    assert str(error.value) == ("cannot read certificate chain '/nonexistent/chain.pem': "
+                                "No such file or directory")
+
+
+def test_no_listener_at_all_is_an_error():
+    with pytest.raises(ConfigError, match="no listener"):
+        ServerConfig.build(disable_tls=True, disable_plaintext=True)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("127.0.0.1:8080", ("127.0.0.1", 8080)),
+    ("[::1]:9000", ("::1", 9000)),
+    ("localhost:0", ("localhost", 0)),
+])
+def test_parse_address(text, expected):
+    assert parse_address(text) == expected
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("127.0.0.1", "has no port"),
+    ("127.0.0.1:http", "is not a number"),
+    ("127.0.0.1:70000", "out of range"),
+    ("[::1]", "has no port"),
+])
+def test_bad_addresses(text, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_address(text)
+
+
+def test_ports_override_addresses_and_default_ip():
+    config = ServerConfig.build(default_ip="127.0.0.2", plaintext_port=9001,
+                                health_check_address=("127.0.0.3", 1), health_check_port=9002,
+                                disable_tls=True)
+    assert config.plaintext_address == ("127.0.0.2", 9001)
+    assert config.health_check_address == ("127.0.0.3", 9002)
+
+
+def test_environment_fills_only_what_the_caller_left_out():
+    env = {"CALLOUTKIT_PLAINTEXT_ADDRESS": "127.0.0.1:9100", "CALLOUTKIT_DISABLE_TLS": "true",
+           "CALLOUTKIT_GRACE_PERIOD": "2.5", "CALLOUTKIT_HEALTH_CHECK_PORT": "9101"}
+    server = CalloutServer(health_check_port=9200, environ=env)
+    assert server.config.plaintext_address == ("127.0.0.1", 9100)
+    assert server.config.health_check_address == ("0.0.0.0", 9200)  # the argument wins
+    assert server.config.grace_period == 2.5
+    assert server.config.secure_address is None
+
+
+def test_bad_environment_value_names_the_variable():
+    with pytest.raises(ConfigError, match="CALLOUTKIT_PLAINTEXT_PORT='eighty'"):
+        CalloutServer(environ={"CALLOUTKIT_PLAINTEXT_PORT": "eighty",
+                               "CALLOUTKIT_DISABLE_TLS": "1"})
+
+
+def test_server_thread_count_sizes_the_pool_for_sync_callbacks():
+    server = CalloutServer(server_thread_count=3, disable_tls=True)
+    assert server.config.thread_count == 3
+    assert server._executor._max_workers == 3
+    assert os.cpu_count()  # the default is derived from it

@@ -1,0 +1,173 @@
+"""CalloutServer's reply shaping and error policy, driven in process with CalloutClient."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from conftest import LOOPBACK
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+from calloutkit import (
+    CalloutServer,
+    ErrorPolicy,
+    add_body_mutation,
+    add_header_mutation,
+    override_mode,
+)
+from calloutkit.testing import CalloutClient, StreamEnded, header_changes, header_removals
+
+REQUEST = {":path": "/", ":method": "POST", "content-length": "5"}
+RESPONSE = {":status": "200", "content-length": "5"}
+
+
+class Replacer(CalloutServer):
+    def on_request_body(self, body, context):
+        return add_body_mutation(body=b"a much longer body")
+
+    def on_response_body(self, body, context):
+        return add_body_mutation(body=body.body)  # same length: nothing to fix
+
+
+class Raiser(CalloutServer):
+    def on_request_headers(self, headers, context):
+        raise ValueError("database password is hunter2")
+
+    def on_response_headers(self, headers, context):
+        return "not a reply"
+
+
+def client(server_class: type[CalloutServer], **options) -> CalloutClient:
+    policy = options.pop("error_policy", ErrorPolicy.FAIL_CLOSED)
+    return CalloutClient(server_class(error_policy=policy, **LOOPBACK), **options)
+
+
+@pytest.mark.parametrize("phase", ["request_headers", "response_headers", "request_body",
+                                   "response_body", "request_trailers", "response_trailers"])
+async def test_default_reply_is_typed_for_every_phase(phase):
+    async with client(CalloutServer).stream() as stream:
+        method = getattr(stream, phase)
+        argument = {"x": "1"} if "body" not in phase else b"data"
+        reply = await method(argument)
+        assert reply.WhichOneof("response") == phase
+
+
+async def test_buffered_length_change_sets_content_length():
+    async with client(Replacer, request_body_mode="BUFFERED",
+                      response_body_mode="BUFFERED").stream() as stream:
+        await stream.request_headers(REQUEST)
+        reply = await stream.request_body(b"hello")
+        assert header_changes(reply) == {"content-length": str(len(b"a much longer body"))}
+        await stream.response_headers(RESPONSE)
+        reply = await stream.response_body(b"hello")
+        assert header_changes(reply) == {}
+
+
+async def test_no_content_length_when_the_request_had_none():
+    async with client(Replacer, request_body_mode="BUFFERED").stream() as stream:
+        await stream.request_headers({":path": "/", "transfer-encoding": "chunked"})
+        assert header_changes(await stream.request_body(b"hello")) == {}
+
+
+async def test_full_duplex_replies_use_streamed_response():
+    async with client(Replacer, request_body_mode="FULL_DUPLEX_STREAMED",
+                      response_body_mode="FULL_DUPLEX_STREAMED").stream() as stream:
+        await stream.request_headers(REQUEST)
+        reply = await stream.request_body(b"hello", end_of_stream=False)
+        streamed = reply.request_body.response.body_mutation.streamed_response
+        assert (streamed.body, streamed.end_of_stream) == (b"a much longer body", False)
+        await stream.response_headers(RESPONSE)
+        reply = await stream.response_body(b"bye", end_of_stream=True)
+        streamed = reply.response_body.response.body_mutation.streamed_response
+        assert (streamed.body, streamed.end_of_stream) == (b"bye", True)
+
+
+async def test_mode_override_to_streamed_is_tracked_and_strips_content_length():
+    class Overrider(Replacer):
+        def on_request_headers(self, headers, context):
+            return override_mode(context, add_header_mutation(add=[("x", "1")]),
+                                 request_body_mode="STREAMED")
+
+    async with client(Overrider, request_body_mode="BUFFERED").stream() as stream:
+        reply = await stream.request_headers(REQUEST)
+        assert reply.mode_override.request_body_mode == 1
+        assert header_removals(reply) == ["content-length"]
+        reply = await stream.request_body(b"hello")
+        assert header_changes(reply) == {}  # STREAMED now: no content-length to fix
+
+
+async def test_fail_closed_answers_500_without_the_exception_text(caplog):
+    async with client(Raiser).stream() as stream:
+        reply = await stream.request_headers(REQUEST)
+        assert reply.immediate_response.status.code == 500
+        assert b"hunter2" not in reply.SerializeToString()
+        assert "hunter2" in caplog.text  # but the operator sees the traceback
+        reply = await stream.response_headers(RESPONSE)  # wrong return type: same policy
+        assert reply.immediate_response.status.code == 500
+        assert "returned str" in caplog.text
+
+
+async def test_continue_policy_sends_the_empty_reply():
+    async with client(Raiser, error_policy="continue").stream() as stream:
+        reply = await stream.request_headers(REQUEST)
+        assert reply.WhichOneof("response") == "request_headers"
+        assert not reply.request_headers.response.header_mutation.set_headers
+
+
+async def test_abort_policy_ends_the_stream_with_a_generic_status():
+    async with client(Raiser, error_policy=ErrorPolicy.ABORT).stream() as stream:
+        with pytest.raises(StreamEnded) as ended:
+            await stream.request_headers(REQUEST)
+        assert ended.value.code == grpc.StatusCode.INTERNAL
+        assert "hunter2" not in ended.value.details
+
+
+async def test_value_only_headers_are_moved_to_raw_value():
+    class ValueOnly(CalloutServer):
+        def on_request_headers(self, headers, context):
+            reply = pb.HeadersResponse()
+            option = reply.response.header_mutation.set_headers.add()
+            option.header.key, option.header.value = "x-value", "kept"
+            return reply
+
+    async with client(ValueOnly).stream() as stream:
+        assert header_changes(await stream.request_headers(REQUEST)) == {"x-value": "kept"}
+
+
+async def test_state_lives_for_the_whole_stream_and_process_can_be_overridden():
+    class Stateful(CalloutServer):
+        def new_state(self):
+            return {"phases": []}
+
+        async def process(self, callout, context):
+            context.state["phases"].append(callout.WhichOneof("request"))
+            reply = await super().process(callout, context)
+            if callout.HasField("response_headers"):
+                reply.response_headers.response.header_mutation.CopyFrom(
+                    add_header_mutation(add=[("x-phases", ",".join(context.state["phases"]))])
+                    .response.header_mutation)
+            return reply
+
+    async with client(Stateful).stream() as stream:
+        await stream.request_headers(REQUEST)
+        reply = await stream.response_headers(RESPONSE)
+        assert header_changes(reply) == {"x-phases": "request_headers,response_headers"}
+
+
+async def test_observability_mode_runs_callbacks_and_sends_nothing():
+    seen = []
+
+    class Watcher(CalloutServer):
+        async def on_request_headers(self, headers, context):
+            seen.append(context.request.observability_mode)
+            return add_header_mutation(add=[("ignored", "1")])
+
+    async with client(Watcher, observability_mode=True).stream() as stream:
+        assert await stream.request_headers(REQUEST) is None
+    assert seen == [True]
+
+
+def test_unknown_error_policy_is_a_config_error():
+    from calloutkit import ConfigError
+
+    with pytest.raises(ConfigError, match="error_policy"):
+        CalloutServer(error_policy="explode", **LOOPBACK)

@@ -1,0 +1,210 @@
+"""CalloutServer through a real Envoy 1.40: every phase, every body mode, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+from conftest import LOOPBACK, Certs
+
+from calloutkit import (
+    CalloutServer,
+    add_body_mutation,
+    add_header_mutation,
+    add_trailer_mutation,
+    body_contains,
+    get_header,
+    header_immediate_response,
+)
+from calloutkit.testing import Envoy, UpstreamServer, envoy_config, http_request
+
+pytestmark = pytest.mark.envoy
+
+
+class Callout(CalloutServer):
+    """Changes something observable in every phase; /deny and /boom misbehave on purpose."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.seen: list[str] = []
+
+    def on_request_headers(self, headers, context):
+        self.seen.append("request_headers")
+        path = get_header(headers, ":path", "")
+        if path.startswith("/deny"):
+            return header_immediate_response(403, headers=[("x-denied-by", "calloutkit")],
+                                             body="denied\n", details="test_deny")
+        if path.startswith("/boom"):
+            raise RuntimeError("secret internal detail")
+        return add_header_mutation(add=[("x-req-added", "yes")], remove=["x-remove-me"])
+
+    async def on_response_headers(self, headers, context):
+        self.seen.append("response_headers")
+        return add_header_mutation(add=[("x-resp-added", "yes")])
+
+    def on_request_body(self, body, context):
+        if body_contains(body, "forbidden"):
+            return header_immediate_response(413, body="no forbidden words\n")
+        if context.request_body_mode == 2:  # BUFFERED: replace whole body, longer
+            return add_body_mutation(body=b"replaced request body, much longer than before")
+        return add_body_mutation(body=body.body.upper())  # STREAMED / FULL_DUPLEX: per chunk
+
+    def on_response_body(self, body, context):
+        if context.response_body_mode == 2:
+            return add_body_mutation(body=b"short")
+        return None
+
+    def on_request_trailers(self, trailers, context):
+        return add_trailer_mutation(add=[("x-req-trailer-added", "t1")])
+
+    def on_response_trailers(self, trailers, context):
+        return add_trailer_mutation(add=[("x-resp-trailer-added", "t2")])
+
+
+@pytest.fixture
+async def callout() -> AsyncIterator[Callout]:
+    server = Callout(**LOOPBACK)
+    await server.start()
+    yield server
+    await server.stop(1)
+
+
+@pytest.fixture
+def envoy_for(upstream: UpstreamServer) -> Iterator[Any]:
+    started: list[Envoy] = []
+
+    def start(server: CalloutServer, **options: Any) -> Envoy:
+        envoy = Envoy(envoy_config(server.plaintext_port or 0, upstream.port, **options))
+        started.append(envoy.start())
+        return envoy
+
+    yield start
+    for envoy in started:
+        envoy.stop()
+
+
+def request(*args: Any, **kwargs: Any) -> Any:
+    return asyncio.to_thread(http_request, *args, **kwargs)
+
+
+async def test_header_mutation_both_ways(callout, envoy_for, upstream):
+    envoy = envoy_for(callout)
+    response = await request(envoy.url + "/hello", headers=[("x-remove-me", "1")])
+    assert response.status == 200
+    assert response.header("x-resp-added") == "yes"
+    seen = json.loads(response.body)["headers"]
+    assert seen["x-req-added"] == "yes"
+    assert "x-remove-me" not in seen
+
+
+async def test_buffered_bodies_change_length_both_ways(callout, envoy_for, upstream):
+    envoy = envoy_for(callout, processing_mode={"request_body_mode": "BUFFERED",
+                                                "response_body_mode": "BUFFERED"})
+    response = await request(envoy.url + "/upload", "POST", body=b"tiny")
+    assert response.status == 200, envoy.log_tail()
+    assert upstream.requests[-1]["body"] == "replaced request body, much longer than before"
+    assert response.body == b"short"
+    assert response.header("content-length") == "5"
+
+
+async def test_buffered_request_body_reaches_upstream_with_fixed_length(callout, envoy_for,
+                                                                        upstream):
+    envoy = envoy_for(callout, processing_mode={"request_body_mode": "BUFFERED"})
+    response = await request(envoy.url + "/upload", "POST", body=b"tiny")
+    assert response.status == 200, envoy.log_tail()
+    seen = json.loads(response.body)
+    assert seen["body"] == "replaced request body, much longer than before"
+    assert seen["headers"]["content-length"] == str(len(seen["body"]))
+
+
+async def test_streamed_request_body_chunk_by_chunk(callout, envoy_for):
+    envoy = envoy_for(callout, processing_mode={"request_body_mode": "STREAMED"})
+    response = await request(envoy.url + "/stream", "POST", chunks=[b"part1-", b"part2-",
+                                                                    b"part3"])
+    assert response.status == 200, envoy.log_tail()
+    assert json.loads(response.body)["body"] == "PART1-PART2-PART3"
+
+
+async def test_full_duplex_streamed_request_body(callout, envoy_for):
+    envoy = envoy_for(callout, processing_mode={
+        "request_body_mode": "FULL_DUPLEX_STREAMED", "request_trailer_mode": "SEND",
+        "response_trailer_mode": "SEND"})
+    response = await request(envoy.url + "/duplex", "POST", body=b"abc")
+    assert response.status == 200, envoy.log_tail()
+    assert json.loads(response.body)["body"] == "ABC"
+
+
+async def test_trailers_both_ways(callout, envoy_for):
+    envoy = envoy_for(callout, processing_mode={"request_trailer_mode": "SEND",
+                                                "response_trailer_mode": "SEND"})
+    response = await request(envoy.url + "/trailers", "POST", chunks=[b"data"],
+                             trailers=[("x-client-trailer", "c1")],
+                             headers=[("x-echo-trailer", "x-upstream-trailer=u1")])
+    assert response.status == 200, envoy.log_tail()
+    seen = json.loads(response.body)
+    assert seen["trailers"] == {"x-client-trailer": "c1", "x-req-trailer-added": "t1"}
+    assert response.trailer("x-upstream-trailer") == "u1"
+    assert response.trailer("x-resp-trailer-added") == "t2"
+
+
+async def test_immediate_response_from_request_headers(callout, envoy_for, upstream):
+    envoy = envoy_for(callout)
+    before = len(upstream.requests)
+    response = await request(envoy.url + "/deny")
+    assert response.status == 403
+    assert response.header("x-denied-by") == "calloutkit"
+    assert response.body == b"denied\n"
+    assert len(upstream.requests) == before
+
+
+async def test_immediate_response_from_request_body(callout, envoy_for, upstream):
+    envoy = envoy_for(callout, processing_mode={"request_body_mode": "BUFFERED"})
+    before = len(upstream.requests)
+    response = await request(envoy.url + "/upload", "POST", body=b"some forbidden text")
+    assert response.status == 413
+    assert response.body == b"no forbidden words\n"
+    assert len(upstream.requests) == before
+
+
+async def test_raising_callback_fails_closed_without_leaking(callout, envoy_for, caplog):
+    envoy = envoy_for(callout)
+    response = await request(envoy.url + "/boom")
+    assert response.status == 500
+    assert b"secret" not in response.body
+    assert any("on_request_headers failed" in r.message for r in caplog.records)
+    again = await request(envoy.url + "/fine")
+    assert again.status == 200
+    assert again.header("x-resp-added") == "yes"
+
+
+async def test_observability_mode_gets_no_reply_and_changes_nothing(callout, envoy_for):
+    envoy = envoy_for(callout, observability_mode=True)
+    callout.seen.clear()
+    response = await request(envoy.url + "/observed")
+    assert response.status == 200
+    assert response.header("x-resp-added") is None
+    assert "x-req-added" not in json.loads(response.body)["headers"]
+    for _ in range(100):  # the callbacks ran, asynchronously to the request
+        if callout.seen.count("response_headers"):
+            break
+        await asyncio.sleep(0.02)
+    assert callout.seen == ["request_headers", "response_headers"]
+
+
+async def test_envoy_over_tls_to_the_callout(certs: Certs, upstream):
+    server = Callout(secure_address=("127.0.0.1", 0), disable_plaintext=True,
+                     combined_health_check=True, cert_chain_path=certs.cert_path,
+                     private_key_path=certs.key_path)
+    await server.start()
+    try:
+        assert server.plaintext_port is None and server.secure_port
+        with Envoy(envoy_config(server.secure_port, upstream.port,
+                                callout_tls_ca=certs.ca_path)) as envoy:
+            response = await request(envoy.url + "/tls")
+        assert response.status == 200
+        assert response.header("x-resp-added") == "yes"
+    finally:
+        await server.stop(1)

@@ -1,0 +1,28 @@
+"""The public surface changes only on purpose."""
+
+from __future__ import annotations
+
+import inspect
+
+import calloutkit
+import calloutkit.testing
+import calloutkit.tools
+
+
+def test_all_is_sorted_and_complete():
+    assert calloutkit.__all__ == sorted(calloutkit.__all__)
+    assert set(calloutkit.__all__) >= {
+        "BaseServer", "CalloutContext", "CalloutServer", "ConfigError", "ErrorPolicy",
+        "add_body_mutation", "add_header_mutation", "body_contains",
+        "build_dynamic_forwarding_metadata", "deny_callout", "header_immediate_response",
+        "headers_contain", "nonblocking"}
+    for name in calloutkit.__all__:
+        assert hasattr(calloutkit, name), name
+
+
+def test_every_public_name_is_documented():
+    for module in (calloutkit, calloutkit.testing, calloutkit.tools):
+        for name in module.__all__:
+            obj = getattr(module, name)
+            if inspect.isclass(obj) or inspect.isfunction(obj):
+                assert inspect.getdoc(obj), f"{module.__name__}.{name} has no docstring"
