@@ -1,0 +1,1 @@
+"""Code generated from .proto files; regenerate it, never edit it (see calloutkit.tyk.codegen)."""
