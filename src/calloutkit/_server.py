@@ -137,7 +137,6 @@ class BaseServer(abc.ABC):
         grace_period: float | None = None,
         max_message_size: int | None = None,
         reflection: bool | None = None,
-        workers: int | None = None,
         environ: Mapping[str, str] | None = None,
     ) -> None:
         options = merge_environment(dict(
@@ -148,7 +147,7 @@ class BaseServer(abc.ABC):
             default_ip=default_ip, cert_chain_path=cert_chain_path,
             private_key_path=private_key_path, server_thread_count=server_thread_count,
             secure_address=secure_address, disable_tls=disable_tls, grace_period=grace_period,
-            max_message_size=max_message_size, reflection=reflection, workers=workers),
+            max_message_size=max_message_size, reflection=reflection),
             environ)
         if options["reflection"] is None:
             options["reflection"] = self.default_reflection
@@ -183,8 +182,8 @@ class BaseServer(abc.ABC):
             ("grpc.max_receive_message_length", size),
             ("grpc.max_send_message_length", size),
             # gRPC turns SO_REUSEPORT on by default, which lets two servers share a port without
-            # a word; only worker processes should share one.
-            ("grpc.so_reuseport", 1 if self.config.workers > 1 else 0),
+            # a word.
+            ("grpc.so_reuseport", 0),
         ]
 
     def invoker(self, func: Callable[..., Any]) -> Invoker:
