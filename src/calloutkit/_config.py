@@ -55,6 +55,7 @@ SERVER_OPTIONS: tuple[tuple[str, str, str], ...] = (
     ("grace_period", "float", "seconds streams in flight get to finish on shutdown"),
     ("max_message_size", "int", "largest gRPC message accepted or sent, in bytes"),
     ("reflection", "bool", "serve gRPC reflection"),
+    ("workers", "int", "worker processes sharing the ports (Linux; needs fixed ports)"),
 )
 PATH_DEFAULTS = {"cert_chain_path": DEFAULT_CERT_CHAIN_PATH,
                  "private_key_path": DEFAULT_PRIVATE_KEY_PATH}
@@ -180,6 +181,7 @@ class ServerConfig:
     grace_period: float
     max_message_size: int
     reflection: bool
+    workers: int = 1
 
     @classmethod
     def build(
@@ -205,6 +207,7 @@ class ServerConfig:
         grace_period: float | None = None,
         max_message_size: int | None = None,
         reflection: bool | None = None,
+        workers: int | None = None,
     ) -> ServerConfig:
         """Resolve the documented constructor options into a validated config."""
         ip = default_ip or DEFAULT_IP
@@ -243,6 +246,12 @@ class ServerConfig:
         grace_period = DEFAULT_GRACE_PERIOD if grace_period is None else grace_period
         max_message_size = (DEFAULT_MAX_MESSAGE_SIZE if max_message_size is None
                             else max_message_size)
+        workers = 1 if workers is None else workers
+        if workers < 1:
+            raise ConfigError(f"workers must be >= 1, got {workers}")
+        if workers > 1 and any(a is not None and a[1] == 0 for a in (secure, plain, health)):
+            raise ConfigError("workers > 1 needs fixed ports: with port 0 each worker would "
+                              "listen somewhere else")
         if server_thread_count is None:
             server_thread_count = min(32, (os.cpu_count() or 1) + 4)
         if server_thread_count < 1:
@@ -252,7 +261,7 @@ class ServerConfig:
         if max_message_size < 1024:
             raise ConfigError(f"max_message_size must be >= 1024 bytes, got {max_message_size}")
         return cls(secure, plain, health, secure_health_check, chain, key, server_thread_count,
-                   float(grace_period), int(max_message_size), bool(reflection))
+                   float(grace_period), int(max_message_size), bool(reflection), workers)
 
 
 def _listener(address: Any, port: int | None, ip: str, default_port: int,

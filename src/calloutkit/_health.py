@@ -20,14 +20,16 @@ _MAX_HEAD = 8192
 class HttpHealthServer:
     """Serve ``GET``/``HEAD`` health probes on one address, optionally over HTTPS."""
 
-    def __init__(self, is_serving: Callable[[], bool]) -> None:
+    def __init__(self, is_serving: Callable[[], bool], reuse_port: bool = False) -> None:
         self._is_serving = is_serving
+        self._reuse_port = reuse_port
         self._server: asyncio.Server | None = None
 
     async def start(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> int:
         """Bind and start; return the bound port (useful with port 0)."""
         self._server = await asyncio.start_server(self._handle, host, port, ssl=tls,
-                                                  reuse_address=True)
+                                                  reuse_address=True,
+                                                  reuse_port=self._reuse_port or None)
         return int(self._server.sockets[0].getsockname()[1])
 
     async def stop(self) -> None:

@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _INLINE_ATTR = "__calloutkit_nonblocking__"
+_CONNECTION_AGE_MS = 30_000
 
 
 def nonblocking(func: Callable[..., T]) -> Callable[..., T]:
@@ -137,6 +138,7 @@ class BaseServer(abc.ABC):
         grace_period: float | None = None,
         max_message_size: int | None = None,
         reflection: bool | None = None,
+        workers: int | None = None,
         environ: Mapping[str, str] | None = None,
     ) -> None:
         options = merge_environment(dict(
@@ -147,7 +149,7 @@ class BaseServer(abc.ABC):
             default_ip=default_ip, cert_chain_path=cert_chain_path,
             private_key_path=private_key_path, server_thread_count=server_thread_count,
             secure_address=secure_address, disable_tls=disable_tls, grace_period=grace_period,
-            max_message_size=max_message_size, reflection=reflection),
+            max_message_size=max_message_size, reflection=reflection, workers=workers),
             environ)
         if options["reflection"] is None:
             options["reflection"] = self.default_reflection
@@ -177,14 +179,21 @@ class BaseServer(abc.ABC):
         """Return ``(service full name, generic handler)`` pairs to serve."""
 
     def _grpc_options(self) -> list[tuple[str, Any]]:
-        size = self.config.max_message_size
-        return [
+        size, workers = self.config.max_message_size, self.config.workers
+        options: list[tuple[str, Any]] = [
             ("grpc.max_receive_message_length", size),
             ("grpc.max_send_message_length", size),
             # gRPC turns SO_REUSEPORT on by default, which lets two servers share a port without
-            # a word.
-            ("grpc.so_reuseport", 0),
+            # a word; only our own workers may share one.
+            ("grpc.so_reuseport", 1 if workers > 1 else 0),
         ]
+        if workers > 1:
+            # Envoy keeps a few HTTP/2 connections for ever; ageing them out makes it
+            # reconnect, and the kernel may hand the new connection to another worker.
+            options += [("grpc.max_connection_age_ms", _CONNECTION_AGE_MS),
+                        ("grpc.max_connection_age_grace_ms",
+                         int(self.config.grace_period * 1000))]
+        return options
 
     def invoker(self, func: Callable[..., Any]) -> Invoker:
         """Wrap a user callback so it is awaited, run inline, or run in the thread pool."""
@@ -249,7 +258,8 @@ class BaseServer(abc.ABC):
             await server.start()
             self._grpc = server
             if cfg.health_check_address is not None:
-                self._http_health = HttpHealthServer(lambda: self.serving)
+                self._http_health = HttpHealthServer(lambda: self.serving,
+                                                     reuse_port=cfg.workers > 1)
                 host, port = cfg.health_check_address
                 try:
                     self.health_check_port = await self._http_health.start(
@@ -360,8 +370,17 @@ class BaseServer(abc.ABC):
         """Serve until SIGTERM/SIGINT or `shutdown`; blocking.
 
         The first signal drains (health goes NOT_SERVING, streams in flight finish within the
-        grace period) and `run` returns; a second signal exits the process at once.
+        grace period) and `run` returns; a second signal exits the process at once. With
+        ``workers > 1`` this process becomes a supervisor of that many forked workers.
         """
+        if self.config.workers > 1:
+            from ._workers import supervise
+
+            code = supervise(self.config.workers,
+                             lambda: asyncio.run(self._run_with_signals()))
+            if code:
+                raise SystemExit(code)
+            return
         asyncio.run(self._run_with_signals())
 
     async def _run_with_signals(self) -> None:
