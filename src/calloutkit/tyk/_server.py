@@ -208,8 +208,10 @@ class TykPluginServer(BaseServer):
         try:
             obj = Object.FromString(data)
         except DecodeError as exc:
+            # Whatever the policy, there is no Object to answer with.
             logger.error("Dispatch: the request is not a coprocess.Object (%s)", exc)
-            return self._failure(data, None, _Outcome.BAD_INPUT)
+            raise StreamAbort(grpc.StatusCode.INVALID_ARGUMENT,
+                              "plugin server: the request is not a coprocess.Object") from None
         label = _label(obj)
         key = (str(obj.hook_type), str(obj.hook_name))
         if obj.hook_type not in _HOOK_VALUES:
@@ -227,7 +229,7 @@ class TykPluginServer(BaseServer):
         if problem:
             logger.error("Dispatch %s: %s; answering with the %s policy", label, problem,
                          self.error_policy.value)
-            return self._failure(data, obj, _Outcome.BAD_INPUT)
+            return self._failure(data, _Outcome.BAD_INPUT)
         pristine = Object.FromString(data)
         plugin, invoker = entry
         started = time.perf_counter()
@@ -239,23 +241,22 @@ class TykPluginServer(BaseServer):
         except Exception:
             logger.exception("Dispatch %s: plugin %s failed; answering with the %s policy",
                              label, _func_name(plugin.func), self.error_policy.value)
-            return self._failure(data, obj, _Outcome.FAILED)
+            return self._failure(data, _Outcome.FAILED)
         logger.debug("Dispatch %s: %.2f ms", label, (time.perf_counter() - started) * 1000)
         if obj == pristine:
             return data  # unchanged: the exact bytes received, map order and unknown fields
         return bytes(obj.SerializeToString())
 
-    def _failure(self, data: bytes, obj: Any, outcome: _Outcome) -> bytes:
+    def _failure(self, data: bytes, outcome: _Outcome) -> bytes:
         policy = self.error_policy
         if policy is ErrorPolicy.ABORT:
             code = (grpc.StatusCode.INVALID_ARGUMENT if outcome is _Outcome.BAD_INPUT
                     else grpc.StatusCode.INTERNAL)
             raise StreamAbort(code, f"plugin server: {outcome.value}")
-        if policy is ErrorPolicy.CONTINUE or obj is None:
-            # Not an Object at all: there is nothing to echo but the bytes themselves.
+        if policy is ErrorPolicy.CONTINUE:
             return data
         failed = Object.FromString(data)  # drop whatever the plugin changed before failing
-        if obj.hook_type == Hook.RESPONSE:
+        if failed.hook_type == Hook.RESPONSE:
             PluginResponse(failed.response)._replace(
                 500, _GENERIC_ERROR, [("Content-Type", "application/json")])
         else:
