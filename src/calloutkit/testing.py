@@ -7,6 +7,9 @@
 - `CalloutClient`: drive a server in process, phase by phase, with no sockets and no Envoy;
   `http_headers`, `http_body`, `http_trailers` build the messages, `header_changes` and
   `header_removals` read a reply.
+- L4: `network_envoy_config` (TCP listener -> network ext_proc -> tcp_proxy), `TcpEchoServer`
+  (an upstream that sends every byte back), and `NetworkCalloutClient` (drive a
+  `NetworkCalloutServer` in process; `data_request` builds a chunk).
 
 Example::
 
@@ -33,7 +36,9 @@ from ._client import (
     http_trailers,
 )
 from ._envoy import Envoy, envoy_config, find_envoy
+from ._envoy_network import TcpEchoServer, network_envoy_config
 from ._http1 import HttpResponse, http_request
+from ._send_network import NetworkCalloutClient, NetworkCalloutStream, data_request
 from ._upstream import UpstreamServer
 
 __all__ = [
@@ -41,8 +46,12 @@ __all__ = [
     "CalloutStream",
     "Envoy",
     "HttpResponse",
+    "NetworkCalloutClient",
+    "NetworkCalloutStream",
     "StreamEnded",
+    "TcpEchoServer",
     "UpstreamServer",
+    "data_request",
     "envoy_config",
     "find_envoy",
     "header_changes",
@@ -51,4 +60,5 @@ __all__ = [
     "http_headers",
     "http_request",
     "http_trailers",
+    "network_envoy_config",
 ]

@@ -1,0 +1,18 @@
+"""Alias of `calloutkit.NetworkCalloutServer` (L4, TCP) under the documented path."""
+
+from envoy.service.network_ext_proc.v3.network_external_processor_pb2 import (
+    ProcessingRequest,
+    ProcessingResponse,
+)
+
+from calloutkit._extproc import ErrorPolicy
+from calloutkit._network import NetworkCalloutServer, NetworkContext, ProcessingResult
+
+__all__ = [
+    "ErrorPolicy",
+    "NetworkCalloutServer",
+    "NetworkContext",
+    "ProcessingRequest",
+    "ProcessingResponse",
+    "ProcessingResult",
+]
