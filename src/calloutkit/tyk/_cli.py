@@ -78,7 +78,8 @@ def _json_message(value: str, message: Any, what: str) -> Any:
         return json_format.Parse(_read_json(value, what), message)
     except json_format.ParseError as exc:
         name = message.DESCRIPTOR.full_name
-        raise ConfigError(f"{what}: not a {name} in JSON: {exc}") from None
+        detail = " ".join(str(exc).split())  # protobuf's message spans lines
+        raise ConfigError(f"{what}: not a {name} in JSON: {detail}") from None
 
 
 def _build_object(args: argparse.Namespace) -> Any:
