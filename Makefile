@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install clean protos
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/pytest
+
+# Regenerate src/calloutkit/_generated/coprocess from proto/coprocess/*.proto (Tyk plugins).
+protos: $(STAMP)
+	$(BIN)/python -m calloutkit.tyk.codegen
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
