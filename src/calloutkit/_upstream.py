@@ -1,8 +1,8 @@
 """`UpstreamServer`: a local HTTP/1.1 upstream that echoes what reached it.
 
 It answers every request with JSON describing the request as the upstream saw it (method,
-path, headers, body, trailers), so a test can check what a callout changed on the way in, and
-it takes instructions in request headers to shape the response on the way out:
+path, headers, header_lines, body, trailers), so a test can check what a callout changed on
+the way in, and it takes instructions in request headers to shape the response on the way out:
 
 - ``x-echo-status: 201``: the status code
 - ``x-echo-header: name=value``: add a response header (repeatable, comma-separated)
@@ -35,6 +35,8 @@ class _Handler(socketserver.StreamRequestHandler):
             method, target = [*start.split(" "), "", ""][:2]
             seen: dict[str, Any] = {"method": method, "path": target,
                     "headers": {k.lower(): v for k, v in headers},
+                    # every header line in order: "headers" keeps only the last of repeats
+                    "header_lines": [[k.lower(), v] for k, v in headers],
                     "body": body.decode("utf-8", "replace"), "body_length": len(body),
                     "trailers": {k.lower(): v for k, v in trailers}}
             self.server.record(seen)

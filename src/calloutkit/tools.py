@@ -60,6 +60,10 @@ def header_mutation(add: Iterable[tuple[str, str | bytes]] | None = None,
                     append_action: int | None = None) -> pb.HeaderMutation:
     """Build a `HeaderMutation` (values in ``raw_value``, keys lower-cased).
 
+    Envoy's ext_proc filter (1.40) overwrites an existing header unless the deprecated
+    ``append`` flag is set, and ignores ``append_action``; so ``APPEND_IF_EXISTS_OR_ADD`` also
+    sets ``append``, which makes Envoy keep the old value and add the new one.
+
     >>> m = header_mutation(add=[("X-A", "1")], remove=["x-b"])
     >>> m.set_headers[0].header.raw_value
     b'1'
@@ -71,6 +75,8 @@ def header_mutation(add: Iterable[tuple[str, str | bytes]] | None = None,
         option.header.raw_value = _raw(value)
         if append_action is not None:
             option.append_action = append_action  # type: ignore[assignment]
+            if append_action == HeaderAppendAction.APPEND_IF_EXISTS_OR_ADD:
+                option.append.value = True
     mutation.remove_headers.extend(k.lower() for k in remove or ())
     return mutation
 
@@ -81,8 +87,9 @@ def add_header_mutation(add: list[tuple[str, str]] | None = None,
                         append_action: int | None = None) -> pb.HeadersResponse:
     """A `HeadersResponse` that sets ``add`` headers and removes ``remove`` ones.
 
-    ``append_action`` is a `HeaderValueOption.HeaderAppendAction` (Envoy's default is
-    APPEND_IF_EXISTS_OR_ADD; OVERWRITE_IF_EXISTS_OR_ADD replaces).
+    ``append_action`` is a `HeaderValueOption.HeaderAppendAction`. Left out, Envoy replaces
+    a header that is already there; ``APPEND_IF_EXISTS_OR_ADD`` keeps it and adds a second
+    value (Envoy 1.40's ext_proc treats every other action as a replace).
 
     >>> add_header_mutation(add=[("foo", "bar")]).response.header_mutation.set_headers[0].header.key
     'foo'
