@@ -240,6 +240,20 @@ async def test_chunks_of_one_connection_are_handled_in_order() -> None:
     assert [r.read_data.data for r in replies] == [b"0!", b"1!", b"2!", b"3!", b"4!"]
 
 
+async def test_connection_control_applies_to_raw_process_answers_too() -> None:
+    class RawClose(NetworkCalloutServer):
+        async def process(self, callout, context):
+            if callout.read_data.data == b"quit":
+                context.reset_connection()
+            return await super().process(callout, context)
+
+    async with client(RawClose).stream() as connection:
+        assert (await connection.read(b"stay")).connection_status == R.CONTINUE
+        reply = await connection.read(b"quit")
+        assert reply.connection_status == R.CLOSE_RST
+        assert reply.read_data.data == b"quit"
+
+
 def test_bad_error_policy_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="error_policy: 'explode' is not one of"):
         NetworkCalloutServer(**LOOPBACK, error_policy="explode")

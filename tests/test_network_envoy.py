@@ -367,3 +367,23 @@ async def test_health_names_the_network_service(transform):
         stub = health_pb2_grpc.HealthStub(channel)
         reply = await stub.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME))
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_drain_refuses_new_connections_and_finishes_open_ones(envoy_for):
+    server = Transform(**LOOPBACK)
+    await server.start()
+    envoy = envoy_for(server.plaintext_port)
+    reader, writer = await connect(envoy)
+    assert await exchange(reader, writer, b"before 1\n", 9) == b"BEFORE b\n"
+    stopping = asyncio.ensure_future(server.stop(grace=60))
+    while server.serving:
+        await asyncio.sleep(0.01)
+    late_reader, late_writer = await connect(envoy)
+    late_writer.write(b"too late\n")
+    assert await asyncio.wait_for(late_reader.read(100), 10) == b""  # refused: closed
+    late_writer.close()
+    # the connection that was already open keeps being processed until it ends
+    assert await exchange(reader, writer, b"during 2\n", 9) == b"DURING c\n"
+    assert not stopping.done()
+    writer.close()
+    await asyncio.wait_for(stopping, 30)  # done once the last stream ended, not at 60 s

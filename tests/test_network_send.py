@@ -63,12 +63,12 @@ async def test_yaml_file_chunks_and_replies(server, tmp_path):
     path = tmp_path / "connection.yaml"
     path.write_text(
         "metadata: {tenant: {name: acme}}\n"
-        "chunks:\n"
-        "  - read: hello\n"
-        "  - write: \"+OK\\r\\n\"\n"
+        "messages:\n"
+        "  - read_data: hello\n"
+        "  - write_data: \"+OK\\r\\n\"\n"
         "  - write_base64: AP8=\n"
-        "  - read: bye\n"
-        "  - read: never sent\n")
+        "  - read_data: bye\n"
+        "  - read_data: never sent\n")
     result = await send(str(path), "--address", f"127.0.0.1:{server.plaintext_port}",
                         "--metadata", "x-caller=cli")
     assert result.returncode == 0, result.stderr
@@ -126,16 +126,16 @@ async def test_tls_with_a_ca(certs: Certs, tmp_path):
 
 @pytest.mark.parametrize(("content", "message"), [
     ("[{read: x", "not valid JSON or YAML"),
-    ("[]", "expected a non-empty list of chunks"),
+    ("[]", "expected a non-empty list of messages"),
     ('{"chunk": []}', "unknown key 'chunk'"),
-    ('[{"read": "a", "write": "b"}]', "chunk 1: needs exactly one of read, write"),
-    ('[{"read": "a"}, {"reed": "b"}]', "chunk 2: needs exactly one of read, write"),
-    ('[{"read": "a", "eos": true}]', "chunk 1: unknown key 'eos'"),
-    ('[{"read": 5}]', "chunk 1: read must be a string"),
-    ('[{"read_base64": "***"}]', "chunk 1: read_base64 is not valid base64"),
+    ('[{"read": "a", "write": "b"}]', "message 1: needs exactly one of read_data, write_data"),
+    ('[{"read": "a"}, {"reed": "b"}]', "message 2: needs exactly one of read_data"),
+    ('[{"read_data": "a", "eos": true}]', "message 1: unknown key 'eos'"),
+    ('[{"read_data": 5}]', "message 1: read_data must be a string"),
+    ('[{"read_base64": "***"}]', "message 1: read_base64 is not valid base64"),
     ('[{"read": "a", "end_of_stream": "yes"}]', "end_of_stream must be true or false"),
-    ('{"metadata": {"ns": 1}, "chunks": [{"read": "a"}]}', "metadata: expected {namespace"),
-    ("- just text", "chunk 1: expected a mapping"),
+    ('{"metadata": {"ns": 1}, "messages": [{"read": "a"}]}', "metadata: expected {namespace"),
+    ("- just text", "message 1: expected a mapping"),
 ])
 def test_malformed_descriptions_say_what_is_wrong(content: str, message: str) -> None:
     with pytest.raises(ConfigError) as error:
@@ -147,13 +147,29 @@ def test_malformed_descriptions_say_what_is_wrong(content: str, message: str) ->
 
 def test_malformed_file_on_the_command_line_is_one_line_exit_2(tmp_path) -> None:
     path = tmp_path / "bad.yaml"
-    path.write_text("chunks: [{read: a}, {write: [1]}]\n")
+    path.write_text("messages: [{read_data: a}, {write_data: [1]}]\n")
     result = run_send(str(path))
     assert result.returncode == 2
     assert result.stderr == (
-        f"calloutkit: error: {path}: chunk 2: write must be a string, got list\n")
+        f"calloutkit: error: {path}: message 2: write_data must be a string, got list\n")
     missing = run_send(str(tmp_path / "nope.yaml"))
     assert missing.returncode == 2
     assert "No such file or directory" in missing.stderr
     assert missing.stderr.count("\n") == 1
 
+
+
+async def test_the_block_command_example_file(tmp_path):
+    from calloutkit._loader import load_target
+
+    server = load_target(os.path.join(REPO, "examples", "l4_block_command"))(**LOOPBACK)
+    await server.start()
+    try:
+        result = await send(os.path.join("examples", "l4_block_command", "connection.yaml"),
+                            "--address", f"127.0.0.1:{server.plaintext_port}")
+    finally:
+        await server.stop(1)
+    assert result.returncode == 0, result.stderr
+    assert [r["connection_status"] for r in replies(result)] == ["CONTINUE", "CONTINUE",
+                                                                 "CLOSE"]
+    assert replies(result)[1]["write_data"]["data"] == "+PONG\r\n"

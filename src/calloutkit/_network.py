@@ -290,7 +290,11 @@ class NetworkCalloutServer(BaseServer):
             except Exception:
                 logger.exception("process() failed")
                 response = self._on_error(request, direction)
-        if response is not None and context._dynamic is not None:
+        if response is None:
+            return None
+        if context._status != _CONTINUE and response.connection_status == _CONTINUE:
+            response.connection_status = context._status  # type: ignore[assignment]
+        if context._dynamic is not None:
             response.dynamic_metadata.MergeFrom(context._dynamic)
             context._dynamic = None
         return response
@@ -329,8 +333,6 @@ class NetworkCalloutServer(BaseServer):
         except Exception:
             logger.exception("on_%s failed", direction)
             return self._on_error(request, direction)
-        if context._status != _CONTINUE:
-            response.connection_status = context._status  # type: ignore[assignment]
         return response
 
     def _on_error(self, request: npb.ProcessingRequest,

@@ -7,16 +7,17 @@ Two clients share one description of a connection:
 - `send_chunks` (``calloutkit send --l4``) sends them over gRPC to a running server and prints
   each reply as a line of JSON.
 
-A description is JSON or YAML: a list of chunks, or ``{"metadata": ..., "chunks": [...]}``.
-Each chunk has exactly one of ``read`` / ``write`` (UTF-8 text) or ``read_base64`` /
-``write_base64``, and optionally ``end_of_stream`` and ``metadata``
+A description is JSON or YAML, shaped like the L7 one of ``calloutkit send``: a list of
+messages, or ``{"metadata": ..., "messages": [...]}``. Each message has exactly one of
+``read_data`` / ``write_data`` (UTF-8 text; ``read`` / ``write`` for short) or
+``read_base64`` / ``write_base64``, and optionally ``end_of_stream`` and ``metadata``
 (``{namespace: {key: value}}``, the dynamic metadata Envoy forwards)::
 
-    metadata: {tenant: {name: acme}}      # on every chunk, like forwarding_namespaces
-    chunks:
-      - read: "GET user:42\\r\\n"
-      - write: "$5\\r\\nalice\\r\\n"
-      - read: ""
+    metadata: {tenant: {name: acme}}      # on every message, like forwarding_namespaces
+    messages:
+      - read_data: "GET user:42\\r\\n"
+      - write_data: "$5\\r\\nalice\\r\\n"
+      - read_data: ""
         end_of_stream: true
 """
 
@@ -42,7 +43,8 @@ from ._exceptions import ConfigError
 from ._network import SERVICE_NAME, NetworkCalloutServer
 
 _METHOD = f"/{SERVICE_NAME}/Process"
-_KEYS = {"read": ("read_data", False), "write": ("write_data", False),
+_KEYS = {"read_data": ("read_data", False), "write_data": ("write_data", False),
+         "read": ("read_data", False), "write": ("write_data", False),
          "read_base64": ("read_data", True), "write_base64": ("write_data", True)}
 _STATUS = npb.ProcessingResponse
 
@@ -69,7 +71,7 @@ def data_request(direction: str, data: bytes | str, end_of_stream: bool = False,
 def parse_chunks(text: str, source: str = "<stdin>") -> list[npb.ProcessingRequest]:
     """Turn a JSON or YAML description into requests; `ConfigError` says what is wrong.
 
-    >>> [r.HasField("read_data") for r in parse_chunks('[{"read": "a"}, {"write": "b"}]')]
+    >>> [r.HasField("read_data") for r in parse_chunks('[{"read_data": "a"}, {"write": "b"}]')]
     [True, False]
     """
     try:
@@ -81,26 +83,26 @@ def parse_chunks(text: str, source: str = "<stdin>") -> list[npb.ProcessingReque
         raise ConfigError(f"{source}:{where} not valid JSON or YAML: {problem}") from None
     shared: Any = None
     if isinstance(doc, dict):
-        unknown = sorted(set(doc) - {"metadata", "chunks"})
+        unknown = sorted(str(k) for k in set(doc) - {"metadata", "messages", "chunks"})
         if unknown:
             raise ConfigError(f"{source}: unknown key {unknown[0]!r} (expected metadata, "
-                              "chunks)")
-        shared, doc = doc.get("metadata"), doc.get("chunks")
+                              "messages)")
+        shared, doc = doc.get("metadata"), doc.get("messages", doc.get("chunks"))
     if not isinstance(doc, list) or not doc:
-        raise ConfigError(f"{source}: expected a non-empty list of chunks (or a mapping with "
-                          "'chunks')")
+        raise ConfigError(f"{source}: expected a non-empty list of messages (or a mapping "
+                          "with 'messages')")
     _check_metadata(shared, f"{source}: metadata")
-    return [_chunk(item, shared, f"{source}: chunk {n}") for n, item in enumerate(doc, 1)]
+    return [_chunk(item, shared, f"{source}: message {n}") for n, item in enumerate(doc, 1)]
 
 
 def _chunk(item: Any, shared: Any, where: str) -> npb.ProcessingRequest:
     if not isinstance(item, dict):
-        raise ConfigError(f"{where}: expected a mapping like {{read: text}}, got "
+        raise ConfigError(f"{where}: expected a mapping like {{read_data: text}}, got "
                           f"{type(item).__name__}")
     data_keys = [k for k in item if k in _KEYS]
     if len(data_keys) != 1:
-        raise ConfigError(f"{where}: needs exactly one of read, write, read_base64, "
-                          f"write_base64 (got {', '.join(map(str, item)) or 'none'})")
+        raise ConfigError(f"{where}: needs exactly one of read_data, write_data, "
+                          f"read_base64, write_base64 (got {', '.join(map(str, item)) or 'none'})")
     unknown = sorted(str(k) for k in item if k not in _KEYS
                      and k not in ("end_of_stream", "metadata"))
     if unknown:
@@ -347,6 +349,7 @@ def add_parser(subparsers: Any) -> None:
         "send-l4", help="send read/write chunks to a network (L4) callout server",
         description="Send the chunks described in FILE (JSON or YAML; - for stdin) to a "
                     "NetworkCalloutServer on one stream, printing each reply as JSON.")
-    parser.add_argument("file", metavar="FILE")
+    parser.add_argument("file", metavar="FILE",
+                        help="JSON or YAML description of the chunks; - reads stdin")
     add_network_send_arguments(parser)
     parser.set_defaults(func=run_network_send)
