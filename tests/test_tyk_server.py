@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -50,7 +51,8 @@ class Channel:
     """Raw-bytes client: what goes out is exactly what the test built."""
 
     def __init__(self, server: TykPluginServer) -> None:
-        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.plaintext_port}")
+        self.port = server.plaintext_port
+        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.port}")
         self.raw = self.channel.unary_unary(DISPATCH)
         self.raw_event = self.channel.unary_unary(EVENT)
 
@@ -237,6 +239,54 @@ def test_plugin_validation() -> None:
     with pytest.raises(ConfigError, match="is not callable"):
         Plugin("a", "tag")  # type: ignore[arg-type]
     assert Plugin("a", tag, hook="auth_check").hook is Hook.CUSTOM_KEY_CHECK
+
+
+def _h2_frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
+    return (len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big")
+            + payload)
+
+
+def _h2_unary(port: int, path: str, message: bytes, authority: str) -> tuple[bytes, bool]:
+    """One gRPC call over a hand-written HTTP/2 connection, so :authority can be empty (grpc
+    clients always fill it). Returns the response message and whether the stream ended."""
+    headers = [(":method", "POST"), (":scheme", "http"), (":path", path),
+               (":authority", authority), ("content-type", "application/grpc"), ("te", "trailers")]
+    # HPACK "literal header field without indexing, new name", no Huffman coding.
+    block = b"".join(b"\x00" + bytes([len(k)]) + k.encode() + bytes([len(v)]) + v.encode()
+                     for k, v in headers)
+    body = b"\x00" + len(message).to_bytes(4, "big") + message
+    data = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _h2_frame(4, 0, 0)
+                     + _h2_frame(1, 0x4, 1, block) + _h2_frame(0, 0x1, 1, body))
+        buffer = b""
+        while True:
+            while len(buffer) < 9 or len(buffer) < 9 + int.from_bytes(buffer[:3], "big"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    return data[5:], False
+                buffer += chunk
+            length, kind, flags = int.from_bytes(buffer[:3], "big"), buffer[3], buffer[4]
+            stream = int.from_bytes(buffer[5:9], "big")
+            payload, buffer = buffer[9:9 + length], buffer[9 + length:]
+            if kind == 4 and not flags & 1:  # SETTINGS: acknowledge
+                sock.sendall(_h2_frame(4, 1, 0))
+            elif stream == 1 and kind == 0:
+                data += payload
+            elif stream == 1 and kind == 3:  # RST_STREAM
+                return data[5:], False
+            elif stream == 1 and kind == 1 and flags & 1:  # trailers end the stream
+                return data[5:], True
+
+
+@pytest.mark.parametrize("authority", ["", "localhost"])
+async def test_an_empty_authority_as_older_gateways_send_is_served(serve: Any,
+                                                                   authority: str) -> None:
+    client = await serve(TykPluginServer(plugins=[Plugin("ok", tag)], **LOCAL))
+    message = pre_object("ok").SerializeToString()
+    answer, ended = await asyncio.to_thread(_h2_unary, client.port, DISPATCH, message, authority)
+    assert ended
+    assert Object.FromString(answer).request.set_headers["X-Tagged"] == "yes"
 
 
 # -- bad input and failing plugins -------------------------------------------------------------
@@ -523,3 +573,20 @@ async def test_a_call_in_flight_finishes_during_drain() -> None:
 
 def test_session_state_helper_is_the_generated_message() -> None:
     assert SessionState.DESCRIPTOR.full_name == "coprocess.SessionState"
+
+
+def test_public_surface_is_sorted_and_documented() -> None:
+    import inspect
+
+    import calloutkit.tyk
+    import calloutkit.tyk.testing
+
+    for module in (calloutkit.tyk, calloutkit.tyk.testing):
+        assert module.__all__ == sorted(module.__all__)
+        for name in module.__all__:
+            obj = getattr(module, name)
+            if (inspect.isclass(obj) or inspect.isfunction(obj)) and not obj.__module__.startswith(
+                    "calloutkit._generated"):
+                assert inspect.getdoc(obj), f"{module.__name__}.{name} has no docstring"
+    assert {"TykPluginServer", "Plugin", "PluginCall", "EventHandler", "GatewayEvent", "Hook",
+            "Object", "SessionState"} <= set(calloutkit.tyk.__all__)

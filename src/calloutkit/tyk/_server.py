@@ -80,7 +80,6 @@ class Plugin:
 
 
 class _Outcome(enum.Enum):
-    OK = "ok"
     BAD_INPUT = "bad input"
     FAILED = "plugin failed"
 
