@@ -63,7 +63,7 @@ class ProcessingResult(NamedTuple):
 
 #: What a data callback may return: ``def`` callbacks return the value, ``async def`` ones
 #: a coroutine of it.
-DataResult: TypeAlias = "ProcessingResult | None | Awaitable[ProcessingResult | None]"
+DataResult: TypeAlias = "ProcessingResult | Awaitable[ProcessingResult | None] | None"
 
 
 class NetworkContext:
@@ -226,7 +226,7 @@ class NetworkCalloutServer(BaseServer):
         return None
 
     def process(self, callout: npb.ProcessingRequest, context: NetworkContext,
-                ) -> npb.ProcessingResponse | None | Awaitable[npb.ProcessingResponse | None]:
+                ) -> npb.ProcessingResponse | Awaitable[npb.ProcessingResponse | None] | None:
         """Answer one raw `ProcessingRequest`: by default, dispatch to the callbacks.
 
         Override it (``def`` or ``async def``) to build the `ProcessingResponse` yourself;
