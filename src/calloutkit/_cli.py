@@ -119,6 +119,7 @@ def _add_serve(subparsers: Any) -> None:
 # Subcommands defined elsewhere: "module:function" that adds its parser to the subparsers.
 _COMMANDS: tuple[str, ...] = (
     "calloutkit._demo:add_parser",
+    "calloutkit._send:add_parser",
     "calloutkit._send_network:add_parser",
     "calloutkit.tyk._cli:add_parser",
 )
