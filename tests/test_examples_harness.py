@@ -152,6 +152,7 @@ class Gateway:
         self.servers: dict[str, CalloutServer] = {}
         self.loop: ServerLoop | None = None
         self.upstream = UpstreamServer()
+        self._upstream_running = False
         self.envoy: Envoy | None = None
 
     def __enter__(self) -> Gateway:
@@ -162,6 +163,7 @@ class Gateway:
                 self.loop.run(server.start())
                 self.servers[name] = server
             self.upstream.start()
+            self._upstream_running = True
             ports = {name: s.plaintext_port or 0 for name, s in self.servers.items()}
             config = gateway_config({**ports, **self.external}, self.upstream.port,
                                     **self.envoy_options)
@@ -176,7 +178,8 @@ class Gateway:
     def __exit__(self, *exc: object) -> None:
         if self.envoy is not None:
             self.envoy.stop()
-        self.upstream.stop()
+        if self._upstream_running:  # stopping one that never started would wait forever
+            self.upstream.stop()
         if self.loop is not None:
             for server in self.servers.values():
                 self.loop.run(server.stop(grace=1))
