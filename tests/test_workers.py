@@ -9,11 +9,11 @@ import time
 
 import grpc
 import pytest
+from conftest import free_port, read_until, spawn, stop_process
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from calloutkit import ConfigError, ServerConfig
 from calloutkit.testing import http_headers
-from conftest import free_port, read_until, spawn, stop_process
 
 METHOD = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
 

@@ -68,7 +68,13 @@ def _import_file(path: str) -> ModuleType:
     folder = os.path.dirname(path)
     if folder not in sys.path:
         sys.path.insert(0, folder)  # so the server can import files beside it
-    name = "_calloutkit_target_" + os.path.splitext(os.path.basename(path))[0]
+    # Name the module after its folder and file, so that two targets never collide and each
+    # server logs under a recognisable name (examples/basic/server.py -> basic.server).
+    stem = os.path.splitext(os.path.basename(path))[0]
+    parent = os.path.basename(folder)
+    name = f"{parent}.{stem}" if stem == "server" and parent.isidentifier() else stem
+    if name in sys.modules and getattr(sys.modules[name], "__file__", None) != path:
+        name = f"_calloutkit_target_{abs(hash(path))}_{stem}"
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise TargetError(f"cannot load {path}")
