@@ -17,8 +17,6 @@ from calloutkit import ConfigError
 from calloutkit._network import NetworkCalloutServer, ProcessingResult
 from calloutkit._send_network import parse_chunks
 
-SEND = "send-l4"  # see run_send: `calloutkit send --l4` is the same command
-
 
 class Echoing(NetworkCalloutServer):
     """Upper-cases client bytes, tags upstream bytes with the tenant, closes on 'bye'."""
@@ -46,7 +44,7 @@ async def server() -> AsyncIterator[Echoing]:
 
 
 def run_send(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "calloutkit._cli", SEND, *args],
+    return subprocess.run([sys.executable, "-m", "calloutkit._cli", "send", "--l4", *args],
                           input=stdin, capture_output=True, text=True, timeout=60, cwd=REPO,
                           env=dict(os.environ), start_new_session=True)
 
@@ -66,7 +64,7 @@ async def test_yaml_file_chunks_and_replies(server, tmp_path):
         "messages:\n"
         "  - read_data: hello\n"
         "  - write_data: \"+OK\\r\\n\"\n"
-        "  - write_base64: AP8=\n"
+        "  - write_data: {base64: AP8=}\n"
         "  - read_data: bye\n"
         "  - read_data: never sent\n")
     result = await send(str(path), "--address", f"127.0.0.1:{server.plaintext_port}",
@@ -89,6 +87,15 @@ async def test_json_on_stdin(server):
     out = replies(result)
     assert [o["read_data"] for o in out] == [{"data": "A", "end_of_stream": False},
                                              {"data": "", "end_of_stream": True}]
+
+
+async def test_proto_json_and_pretty(server):
+    result = await send("--address", f"127.0.0.1:{server.plaintext_port}", "--proto-json",
+                        "--pretty", stdin='[{"read": "a"}]')
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("{\n  ")
+    assert json.loads(result.stdout) == {"read_data": {"data": "QQ=="},
+                                         "data_processing_status": "MODIFIED"}
 
 
 async def test_grpc_error_exits_non_zero_with_status_and_details(server, tmp_path):
@@ -131,8 +138,8 @@ async def test_tls_with_a_ca(certs: Certs, tmp_path):
     ('[{"read": "a", "write": "b"}]', "message 1: needs exactly one of read_data, write_data"),
     ('[{"read": "a"}, {"reed": "b"}]', "message 2: needs exactly one of read_data"),
     ('[{"read_data": "a", "eos": true}]', "message 1: unknown key 'eos'"),
-    ('[{"read_data": 5}]', "message 1: read_data must be a string"),
-    ('[{"read_base64": "***"}]', "message 1: read_base64 is not valid base64"),
+    ('[{"read_data": 5}]', "message 1: read_data: expected text or {base64: ...}, got int"),
+    ('[{"read_data": {"base64": "***"}}]', "message 1: read_data: base64 is not valid base64"),
     ('[{"read": "a", "end_of_stream": "yes"}]', "end_of_stream must be true or false"),
     ('{"metadata": {"ns": 1}, "messages": [{"read": "a"}]}', "metadata: expected {namespace"),
     ("- just text", "message 1: expected a mapping"),
@@ -150,8 +157,8 @@ def test_malformed_file_on_the_command_line_is_one_line_exit_2(tmp_path) -> None
     path.write_text("messages: [{read_data: a}, {write_data: [1]}]\n")
     result = run_send(str(path))
     assert result.returncode == 2
-    assert result.stderr == (
-        f"calloutkit: error: {path}: message 2: write_data must be a string, got list\n")
+    assert result.stderr == (f"calloutkit: error: {path}: message 2: write_data: expected "
+                             "text or {base64: ...}, got list\n")
     missing = run_send(str(tmp_path / "nope.yaml"))
     assert missing.returncode == 2
     assert "No such file or directory" in missing.stderr

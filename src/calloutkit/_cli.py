@@ -120,7 +120,6 @@ def _add_serve(subparsers: Any) -> None:
 _COMMANDS: tuple[str, ...] = (
     "calloutkit._demo:add_parser",
     "calloutkit._send:add_parser",
-    "calloutkit._send_network:add_parser",
     "calloutkit.tyk._cli:add_parser",
 )
 

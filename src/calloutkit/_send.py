@@ -378,6 +378,10 @@ def _metadata_pair(value: str) -> tuple[str, str]:
 
 def run_send(args: argparse.Namespace) -> int:
     """Parse the description, then send it (``calloutkit send``)."""
+    if getattr(args, "l4", False):
+        from ._send_network import run_network_send
+
+        return run_network_send(args)
     text, source = read_source(args.file)
     description = parse_stream(text, source)
     target = format_address(parse_address(args.address, "--address"))
@@ -416,5 +420,8 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--pretty", action="store_true", help="indent each reply")
     parser.add_argument("--proto-json", action="store_true",
                         help="print the exact protobuf JSON (bytes in base64)")
+    parser.add_argument("--l4", action="store_true",
+                        help="FILE describes one TCP connection (read_data / write_data "
+                             "messages) for a network (L4) callout server")
     parser.set_defaults(func=run_send)
 

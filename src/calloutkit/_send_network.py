@@ -9,14 +9,14 @@ Two clients share one description of a connection:
 
 A description is JSON or YAML, shaped like the L7 one of ``calloutkit send``: a list of
 messages, or ``{"metadata": ..., "messages": [...]}``. Each message has exactly one of
-``read_data`` / ``write_data`` (UTF-8 text; ``read`` / ``write`` for short) or
-``read_base64`` / ``write_base64``, and optionally ``end_of_stream`` and ``metadata``
-(``{namespace: {key: value}}``, the dynamic metadata Envoy forwards)::
+``read_data`` / ``write_data`` (``read`` / ``write`` for short): text, or ``{base64: ...}``
+for bytes; and optionally ``end_of_stream`` and ``metadata`` (``{namespace: {key: value}}``,
+the dynamic metadata Envoy forwards)::
 
     metadata: {tenant: {name: acme}}      # on every message, like forwarding_namespaces
     messages:
       - read_data: "GET user:42\\r\\n"
-      - write_data: "$5\\r\\nalice\\r\\n"
+      - write_data: {base64: JDUNCmFsaWNlDQo=}    # "$5\\r\\nalice\\r\\n"
       - read_data: ""
         end_of_stream: true
 """
@@ -26,14 +26,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import binascii
 import json
+import os
 import sys
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, TextIO
 
 import grpc
-import yaml
 from envoy.service.network_ext_proc.v3 import network_external_processor_pb2 as npb
 from google.protobuf import json_format
 
@@ -41,11 +40,17 @@ from ._client import StreamEnded, _FakeContext
 from ._config import format_address, parse_address
 from ._exceptions import ConfigError
 from ._network import SERVICE_NAME, NetworkCalloutServer
+from ._send import (
+    _body,
+    _check_namespaces,
+    _grpc_error,
+    load_document,
+    open_channel,
+    read_source,
+)
 
 _METHOD = f"/{SERVICE_NAME}/Process"
-_KEYS = {"read_data": ("read_data", False), "write_data": ("write_data", False),
-         "read": ("read_data", False), "write": ("write_data", False),
-         "read_base64": ("read_data", True), "write_base64": ("write_data", True)}
+_KEYS = {"read_data": "read", "write_data": "write", "read": "read", "write": "write"}
 _STATUS = npb.ProcessingResponse
 
 
@@ -74,13 +79,7 @@ def parse_chunks(text: str, source: str = "<stdin>") -> list[npb.ProcessingReque
     >>> [r.HasField("read_data") for r in parse_chunks('[{"read_data": "a"}, {"write": "b"}]')]
     [True, False]
     """
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{source}:{where} not valid JSON or YAML: {problem}") from None
+    doc = load_document(text, source)
     shared: Any = None
     if isinstance(doc, dict):
         unknown = sorted(str(k) for k in set(doc) - {"metadata", "messages", "chunks"})
@@ -91,7 +90,8 @@ def parse_chunks(text: str, source: str = "<stdin>") -> list[npb.ProcessingReque
     if not isinstance(doc, list) or not doc:
         raise ConfigError(f"{source}: expected a non-empty list of messages (or a mapping "
                           "with 'messages')")
-    _check_metadata(shared, f"{source}: metadata")
+    if shared is not None:
+        _check_namespaces(shared, f"{source}: metadata")
     return [_chunk(item, shared, f"{source}: message {n}") for n, item in enumerate(doc, 1)]
 
 
@@ -101,44 +101,22 @@ def _chunk(item: Any, shared: Any, where: str) -> npb.ProcessingRequest:
                           f"{type(item).__name__}")
     data_keys = [k for k in item if k in _KEYS]
     if len(data_keys) != 1:
-        raise ConfigError(f"{where}: needs exactly one of read_data, write_data, "
-                          f"read_base64, write_base64 (got {', '.join(map(str, item)) or 'none'})")
+        others = [str(k) for k in item if k not in ("end_of_stream", "metadata")]
+        raise ConfigError(f"{where}: needs exactly one of read_data, write_data (got "
+                          f"{', '.join(others) or 'none'})")
     unknown = sorted(str(k) for k in item if k not in _KEYS
                      and k not in ("end_of_stream", "metadata"))
     if unknown:
         raise ConfigError(f"{where}: unknown key {unknown[0]!r}")
     key = data_keys[0]
-    field, encoded = _KEYS[key]
-    value = item[key]
-    if value is None:
-        value = ""
-    if not isinstance(value, str):
-        raise ConfigError(f"{where}: {key} must be a string, got {type(value).__name__}")
-    if encoded:
-        try:
-            data = base64.b64decode(value, validate=True)
-        except (binascii.Error, ValueError):
-            raise ConfigError(f"{where}: {key} is not valid base64") from None
-    else:
-        data = value.encode()
+    data = _body(item[key], f"{where}: {key}")
     end = item.get("end_of_stream", False)
     if not isinstance(end, bool):
         raise ConfigError(f"{where}: end_of_stream must be true or false")
     metadata = item.get("metadata", shared)
-    _check_metadata(metadata, f"{where}: metadata")
-    return data_request(field.removesuffix("_data"), data, end, metadata)
-
-
-def _check_metadata(metadata: Any, where: str) -> None:
-    if metadata is None:
-        return
-    if not isinstance(metadata, dict) or not all(
-            isinstance(k, str) and isinstance(v, dict) for k, v in metadata.items()):
-        raise ConfigError(f"{where}: expected {{namespace: {{key: value}}}}")
-    try:
-        json.dumps(metadata)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where}: {exc}") from None
+    if metadata is not None:
+        _check_namespaces(metadata, f"{where}: metadata")
+    return data_request(_KEYS[key], data, end, metadata)
 
 
 def reply_to_dict(response: npb.ProcessingResponse) -> dict[str, Any]:
@@ -250,106 +228,62 @@ class NetworkCalloutClient:
 
 
 async def send_chunks(target: str, requests: Sequence[npb.ProcessingRequest], *,
-                      out: TextIO, err: TextIO, ca: str | None = None, tls: bool = False,
-                      authority: str | None = None,
-                      metadata: Sequence[tuple[str, str]] = (), timeout: float = 10.0) -> int:
-    """Send ``requests`` on one stream, one at a time, printing each reply as JSON.
+                      out: TextIO, err: TextIO, tls: bool = False, ca: str | None = None,
+                      authority: str | None = None, metadata: Sequence[tuple[str, str]] = (),
+                      timeout: float = 10.0, proto_json: bool = False,
+                      indent: int | None = None) -> int:
+    """Send ``requests`` on one stream, each after the previous reply, printing each reply.
 
     Stops after a reply that closes or resets the connection, as Envoy would. Returns 0, or 1
     after printing the gRPC status and details to ``err``.
     """
-    options = [("grpc.default_authority", authority)] if authority else []
-    if tls or ca:
-        roots = None
-        if ca:
-            try:
-                with open(ca, "rb") as handle:
-                    roots = handle.read()
-            except OSError as exc:
-                raise ConfigError(f"cannot read CA file {ca!r}: {exc.strerror or exc}") from None
-        if authority:
-            options.append(("grpc.ssl_target_name_override", authority))
-        channel = grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(roots), options)
-    else:
-        channel = grpc.aio.insecure_channel(target, options)
-    async with channel:
+    def show(reply: npb.ProcessingResponse) -> None:
+        data = (json_format.MessageToDict(reply, preserving_proto_field_name=True)
+                if proto_json else reply_to_dict(reply))
+        print(json.dumps(data, indent=indent), file=out, flush=True)
+
+    async with open_channel(target, tls=tls, ca=ca, authority=authority) as channel:
         call = channel.stream_stream(
             _METHOD, request_serializer=npb.ProcessingRequest.SerializeToString,
             response_deserializer=npb.ProcessingResponse.FromString,
         )(metadata=tuple(metadata) or None, timeout=timeout)
+        sent = 0
         try:
             for request in requests:
                 await call.write(request)
+                sent += 1
                 reply = await call.read()
                 if reply is grpc.aio.EOF:
+                    print(f"calloutkit: the server ended the stream after {sent} of "
+                          f"{len(requests)} messages without answering the last (Envoy "
+                          "drops that chunk and stops processing the connection)", file=err,
+                          flush=True)
                     break
-                print(json.dumps(reply_to_dict(reply)), file=out, flush=True)
+                show(reply)
                 if reply.connection_status != _STATUS.CONTINUE:
-                    break
+                    break  # Envoy closes the connection: nothing more is sent
             await call.done_writing()
             while (reply := await call.read()) is not grpc.aio.EOF:
-                print(json.dumps(reply_to_dict(reply)), file=out, flush=True)
+                show(reply)
+            code = await call.code()
+            if code != grpc.StatusCode.OK:
+                return _grpc_error(err, code, await call.details())
         except grpc.aio.AioRpcError as exc:
-            print(f"calloutkit: error: gRPC {exc.code().name}: {exc.details() or ''}",
-                  file=err, flush=True)
-            return 1
+            return _grpc_error(err, exc.code(), exc.details())
     return 0
 
 
-def read_source(path: str) -> tuple[str, str]:
-    """The text of a description file (``-`` is stdin), and a name for error messages."""
-    if path == "-":
-        return sys.stdin.read(), "<stdin>"
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return handle.read(), path
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc)
-        raise ConfigError(f"cannot read {path}: {reason}") from None
-
-
-def _metadata_pair(value: str) -> tuple[str, str]:
-    key, sep, val = value.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {value!r}")
-    return key.strip().lower(), val
-
-
-def add_network_send_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of an L4 send: FILE, --address, --tls, --ca, --authority, --metadata,
-    --timeout. (`calloutkit send --l4` and `calloutkit send-l4` share them.)"""
-    parser.add_argument("--address", "--target", dest="address", default="127.0.0.1:8080",
-                        metavar="HOST:PORT",
-                        help="the callout server's gRPC address (default 127.0.0.1:8080)")
-    parser.add_argument("--tls", action="store_true", help="connect with TLS")
-    parser.add_argument("--ca", metavar="PEM", help="CA certificate to verify the server "
-                        "(implies --tls)")
-    parser.add_argument("--authority", metavar="NAME",
-                        help="authority / TLS server name to present")
-    parser.add_argument("--metadata", "-H", dest="metadata", action="append", default=[],
-                        type=_metadata_pair, metavar="KEY=VALUE",
-                        help="gRPC metadata on the stream (repeatable)")
-    parser.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
-                        help="deadline for the whole stream (default 10)")
-
-
 def run_network_send(args: argparse.Namespace) -> int:
-    """Run an L4 send from parsed arguments (``file``, ``address``, ``tls``, ...)."""
+    """``calloutkit send --l4``: parse the description in ``args.file``, then send it."""
     text, source = read_source(args.file)
     requests = parse_chunks(text, source)
     target = format_address(parse_address(args.address, "--address"))
-    return asyncio.run(send_chunks(
-        target, requests, out=sys.stdout, err=sys.stderr, ca=args.ca, tls=args.tls,
-        authority=args.authority, metadata=args.metadata, timeout=args.timeout))
-
-
-def add_parser(subparsers: Any) -> None:
-    """Register ``calloutkit send-l4``."""
-    parser = subparsers.add_parser(
-        "send-l4", help="send read/write chunks to a network (L4) callout server",
-        description="Send the chunks described in FILE (JSON or YAML; - for stdin) to a "
-                    "NetworkCalloutServer on one stream, printing each reply as JSON.")
-    parser.add_argument("file", metavar="FILE",
-                        help="JSON or YAML description of the chunks; - reads stdin")
-    add_network_send_arguments(parser)
-    parser.set_defaults(func=run_network_send)
+    try:
+        return asyncio.run(send_chunks(
+            target, requests, out=sys.stdout, err=sys.stderr, tls=args.tls, ca=args.ca,
+            authority=args.authority, metadata=args.metadata, timeout=args.timeout,
+            proto_json=getattr(args, "proto_json", False),
+            indent=2 if getattr(args, "pretty", False) else None))
+    except BrokenPipeError:  # `calloutkit send --l4 ... | head`: the reader has had enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
