@@ -7,6 +7,7 @@ import inspect
 import calloutkit
 import calloutkit.testing
 import calloutkit.tools
+import calloutkit.tyk
 
 
 def test_all_is_sorted_and_complete():
@@ -15,13 +16,14 @@ def test_all_is_sorted_and_complete():
         "BaseServer", "CalloutContext", "CalloutServer", "ConfigError", "ErrorPolicy",
         "add_body_mutation", "add_header_mutation", "body_contains",
         "build_dynamic_forwarding_metadata", "deny_callout", "header_immediate_response",
-        "headers_contain", "nonblocking"}
+        "headers_contain", "nonblocking", "NetworkCalloutServer", "NetworkContext",
+        "ProcessingResult"}
     for name in calloutkit.__all__:
         assert hasattr(calloutkit, name), name
 
 
 def test_every_public_name_is_documented():
-    for module in (calloutkit, calloutkit.testing, calloutkit.tools):
+    for module in (calloutkit, calloutkit.testing, calloutkit.tools, calloutkit.tyk):
         for name in module.__all__:
             obj = getattr(module, name)
             if inspect.isclass(obj) or inspect.isfunction(obj):

@@ -1,6 +1,7 @@
 """calloutkit: build, test and run API-gateway callout servers.
 
-Envoy ext_proc (`CalloutServer`), on one runtime (`BaseServer`) with TLS and plaintext
+Envoy ext_proc (`CalloutServer`), Envoy network ext_proc (`NetworkCalloutServer`), Tyk gRPC
+plugins (`calloutkit.tyk`) and a gRPC routing proxy (`calloutkit.proxy`), on one runtime (`BaseServer`) with TLS and plaintext
 listeners, truthful gRPC and HTTP health, graceful drain and a command line.
 
 Example::
@@ -16,6 +17,7 @@ from ._config import ServerConfig, parse_address
 from ._context import CalloutContext
 from ._exceptions import CalloutError, CalloutKitError, ConfigError, TargetError
 from ._extproc import CalloutServer, ErrorPolicy
+from ._network import NetworkCalloutServer, NetworkContext, ProcessingResult
 from ._server import BaseServer, nonblocking
 from .tools import (
     add_body_mutation,
@@ -42,6 +44,9 @@ __all__ = [
     "CalloutServer",
     "ConfigError",
     "ErrorPolicy",
+    "NetworkCalloutServer",
+    "NetworkContext",
+    "ProcessingResult",
     "ServerConfig",
     "TargetError",
     "add_body_mutation",
