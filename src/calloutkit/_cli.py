@@ -121,6 +121,7 @@ _COMMANDS: tuple[str, ...] = (
     "calloutkit._demo:add_parser",
     "calloutkit._send:add_parser",
     "calloutkit.tyk._cli:add_parser",
+    "calloutkit.proxy._cli:add_parser",
 )
 
 

@@ -84,8 +84,10 @@ class _Recording(grpc.GenericRpcHandler):  # type: ignore[misc]
 class EchoBackend:
     """An in-process backend for the test service (see the module docstring)."""
 
-    def __init__(self, name: str = "a") -> None:
+    def __init__(self, name: str = "a", *, health: bool = False) -> None:
         self.name = name
+        self.health: Any = None  # a grpc health servicer when ``health`` is asked for
+        self._with_health = health
         self.calls: list[Seen] = []
         self.received: list[str] = []  # every call the server accepted, even if cancelled early
         self.cancelled: list[str] = []
@@ -121,12 +123,25 @@ class EchoBackend:
             grpc.method_handlers_generic_handler("raw.Raw", {
                 "Echo": grpc.stream_stream_rpc_method_handler(self._raw)}),
         )),))
+        if self._with_health:
+            from grpc_health.v1 import health, health_pb2_grpc
+
+            self.health = health.aio.HealthServicer()
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         self.port = server.add_insecure_port(f"127.0.0.1:{port}")
         if not self.port:
             raise RuntimeError(f"cannot bind 127.0.0.1:{port}")
         await server.start()
         self._server = server
+        if self.health is not None:
+            await self.set_serving(True)
         return self
+
+    async def set_serving(self, serving: bool) -> None:
+        from grpc_health.v1 import health_pb2
+
+        status = health_pb2.HealthCheckResponse
+        await self.health.set("", status.SERVING if serving else status.NOT_SERVING)
 
     async def stop(self, grace: float | None = 0) -> None:
         if self._server is not None:

@@ -19,6 +19,7 @@ Example::
     server.add_generic_rpc_handlers((TransparentHandler(director),))
 """
 
+from ._backends import Backend, Target
 from ._channels import ChannelPool, channel_options
 from ._director import Destination, Director, Overflow, ProxyError, StreamParameters
 from ._handler import (
@@ -30,23 +31,52 @@ from ._handler import (
 from ._metadata import forwardable
 from ._mirror import MirrorPolicy
 from ._peeker import Peeker
+from ._router import Router
+from ._routes import (
+    BackendConfig,
+    HealthCheckConfig,
+    MirroringConfig,
+    RouteConfig,
+    RoutingConfig,
+    TlsConfig,
+    TykMatch,
+)
+from ._server import ProxyServer
 from ._stream import handle_stream, handle_unary
+from ._tyk import TykView, event_view, object_view
+from ._wire import WireError, fields
 
 __all__ = [
     "WELL_KNOWN_UNARY",
+    "Backend",
+    "BackendConfig",
     "ChannelPool",
     "Destination",
     "Director",
+    "HealthCheckConfig",
     "MirrorPolicy",
+    "MirroringConfig",
     "Overflow",
     "Peeker",
     "ProxyError",
+    "ProxyServer",
+    "RouteConfig",
+    "Router",
+    "RoutingConfig",
     "StreamParameters",
+    "Target",
+    "TlsConfig",
     "TransparentHandler",
+    "TykMatch",
+    "TykView",
+    "WireError",
     "channel_options",
+    "event_view",
+    "fields",
     "forwardable",
     "handle_stream",
     "handle_unary",
+    "object_view",
     "register_service",
     "register_stream_handlers",
 ]

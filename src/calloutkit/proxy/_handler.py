@@ -21,6 +21,7 @@ from typing import Any
 
 import grpc
 
+from .._exceptions import ConfigError
 from ._channels import ChannelPool
 from ._director import Director, ProxyError, StreamParameters
 from ._peeker import Peeker
@@ -40,7 +41,7 @@ WELL_KNOWN_UNARY = frozenset({
 def _validate_method(method: str) -> str:
     parts = method.split("/")
     if len(parts) != 3 or parts[0] or not parts[1] or not parts[2]:
-        raise ValueError(f"{method!r} is not a full method name like '/package.Service/Method'")
+        raise ConfigError(f"{method!r} is not a full method name like '/package.Service/Method'")
     return method
 
 
@@ -67,9 +68,14 @@ class TransparentHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
                  channels: ChannelPool | None = None) -> None:
         self.director = director
         self.channels = channels
-        self.unary_methods = frozenset(_validate_method(m) for m in unary_methods)
+        self.set_unary_methods(unary_methods)
+
+    def set_unary_methods(self, methods: Iterable[str]) -> None:
+        """Replace the methods that take the unary fast path."""
+        unary = frozenset(_validate_method(m) for m in methods)
         self._unary_handlers = {m: grpc.unary_unary_rpc_method_handler(
-            functools.partial(self.proxy_unary, m)) for m in self.unary_methods}
+            functools.partial(self.proxy_unary, m)) for m in unary}
+        self.unary_methods = unary
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
         method: str = handler_call_details.method  # type: ignore[attr-defined]
