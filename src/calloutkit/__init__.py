@@ -1,8 +1,9 @@
 """calloutkit: build, test and run API-gateway callout servers.
 
 Envoy ext_proc (`CalloutServer`), Envoy network ext_proc (`NetworkCalloutServer`), Tyk gRPC
-plugins (`calloutkit.tyk`) and a gRPC routing proxy (`calloutkit.proxy`), on one runtime (`BaseServer`) with TLS and plaintext
-listeners, truthful gRPC and HTTP health, graceful drain and a command line.
+plugins (`calloutkit.tyk`) and a gRPC routing proxy (`calloutkit.proxy`), on one runtime
+(`BaseServer`) with TLS and plaintext listeners, truthful gRPC and HTTP health, graceful drain
+and a command line.
 
 Example::
 

@@ -10,8 +10,9 @@ fixing up what Envoy would otherwise reject: content-length after a BUFFERED bod
 from __future__ import annotations
 
 import enum
+import functools
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -154,32 +155,24 @@ class CalloutServer(BaseServer):
     # -- the stream ---------------------------------------------------------------------------
 
     def _handlers(self) -> Sequence[tuple[str, grpc.GenericRpcHandler]]:
-        handler = grpc.method_handlers_generic_handler(SERVICE_NAME, {
-            "Process": grpc.stream_stream_rpc_method_handler(
-                self._stream,
-                request_deserializer=pb.ProcessingRequest.FromString,
-                response_serializer=pb.ProcessingResponse.SerializeToString),
-        })
-        return [(SERVICE_NAME, handler)]
+        return [self._bidi_handler(SERVICE_NAME, pb.ProcessingRequest, pb.ProcessingResponse,
+                                   self._stream)]
 
-    async def _stream(self, requests: AsyncIterator[pb.ProcessingRequest],
-                      grpc_context: Any) -> AsyncIterator[pb.ProcessingResponse]:
-        if not self._enter_stream():
-            await self._refuse(grpc_context)
-            return
-        try:
-            context = CalloutContext(grpc_context, self.new_state())
-            async for request in requests:
-                response = await self._answer(request, context)
-                if response is not None and not request.observability_mode:
-                    yield response
-        except StreamAbort as abort:
-            await grpc_context.abort(abort.code, abort.details)
-        finally:
-            self._leave_stream()
+    @functools.cached_property
+    def _stream(self) -> Callable[[AsyncIterator[pb.ProcessingRequest], Any],
+                                  AsyncIterator[pb.ProcessingResponse]]:
+        return self._stream_function(self._new_context, self._answer)
+
+    def _new_context(self, grpc_context: Any) -> CalloutContext:
+        return CalloutContext(grpc_context, self.new_state())
 
     async def _answer(self, request: pb.ProcessingRequest,
                       context: CalloutContext) -> pb.ProcessingResponse | None:
+        response = await self._respond(request, context)
+        return None if request.observability_mode else response  # Envoy reads no reply there
+
+    async def _respond(self, request: pb.ProcessingRequest,
+                       context: CalloutContext) -> pb.ProcessingResponse | None:
         context.request = request
         if request.HasField("protocol_config"):
             config = request.protocol_config

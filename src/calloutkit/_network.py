@@ -15,9 +15,10 @@ before the data in the same answer, so the chunk being answered is not forwarded
 
 from __future__ import annotations
 
+import functools
 import logging
 import types
-from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, NamedTuple, NoReturn, TypeAlias
 
 import grpc
@@ -237,29 +238,16 @@ class NetworkCalloutServer(BaseServer):
     # -- the stream ---------------------------------------------------------------------------
 
     def _handlers(self) -> Sequence[tuple[str, grpc.GenericRpcHandler]]:
-        handler = grpc.method_handlers_generic_handler(SERVICE_NAME, {
-            "Process": grpc.stream_stream_rpc_method_handler(
-                self._stream,
-                request_deserializer=npb.ProcessingRequest.FromString,
-                response_serializer=npb.ProcessingResponse.SerializeToString),
-        })
-        return [(SERVICE_NAME, handler)]
+        return [self._bidi_handler(SERVICE_NAME, npb.ProcessingRequest, npb.ProcessingResponse,
+                                   self._stream)]
 
-    async def _stream(self, requests: AsyncIterator[npb.ProcessingRequest],
-                      grpc_context: Any) -> AsyncIterator[npb.ProcessingResponse]:
-        if not self._enter_stream():
-            await self._refuse(grpc_context)
-            return
-        try:
-            context = NetworkContext(grpc_context, self.new_state())
-            async for request in requests:
-                response = await self._answer(request, context)
-                if response is not None:
-                    yield response
-        except StreamAbort as abort:
-            await grpc_context.abort(abort.code, abort.details)
-        finally:
-            self._leave_stream()
+    @functools.cached_property
+    def _stream(self) -> Callable[[AsyncIterator[npb.ProcessingRequest], Any],
+                                  AsyncIterator[npb.ProcessingResponse]]:
+        return self._stream_function(self._new_context, self._answer)
+
+    def _new_context(self, grpc_context: Any) -> NetworkContext:
+        return NetworkContext(grpc_context, self.new_state())
 
     async def _answer(self, request: npb.ProcessingRequest,
                       context: NetworkContext) -> npb.ProcessingResponse | None:

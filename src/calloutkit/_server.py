@@ -24,7 +24,7 @@ import signal
 import ssl
 import tempfile
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -37,12 +37,14 @@ from ._config import (
     format_address,
     merge_environment,
 )
+from ._context import StreamAbort
 from ._exceptions import ConfigError
 from ._health import HttpHealthServer
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+C = TypeVar("C")
 
 _INLINE_ATTR = "__calloutkit_nonblocking__"
 _CONNECTION_AGE_MS = 30_000
@@ -225,6 +227,42 @@ class BaseServer(abc.ABC):
 
     async def _refuse(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         await context.abort(grpc.StatusCode.UNAVAILABLE, "server is draining")
+
+    def _bidi_handler(self, service: str, request_type: Any, response_type: Any,
+                      stream: Callable[[AsyncIterator[Any], Any], AsyncIterator[Any]],
+                      ) -> tuple[str, grpc.GenericRpcHandler]:
+        """A generic handler serving ``service/Process`` with the async generator ``stream``."""
+        return service, grpc.method_handlers_generic_handler(service, {
+            "Process": grpc.stream_stream_rpc_method_handler(
+                stream, request_deserializer=request_type.FromString,
+                response_serializer=response_type.SerializeToString)})
+
+    def _stream_function(self, new_context: Callable[[Any], C],
+                         answer: Callable[[Any, C], Awaitable[Any]],
+                         ) -> Callable[[AsyncIterator[Any], Any], AsyncIterator[Any]]:
+        """The handler of a stream-per-request protocol (ext_proc L7 and L4).
+
+        One answer per request, with drain accounting: refused while draining, counted while
+        open, a reply sent for each answer that is not None; `StreamAbort` ends the stream
+        with its status. (grpc.aio needs an async generator *function* here, hence the
+        closure rather than a generator method.)
+        """
+        async def stream(requests: AsyncIterator[Any], grpc_context: Any) -> AsyncIterator[Any]:
+            if not self._enter_stream():
+                await self._refuse(grpc_context)
+                return
+            try:
+                context = new_context(grpc_context)
+                async for request in requests:
+                    response = await answer(request, context)
+                    if response is not None:
+                        yield response
+            except StreamAbort as abort:
+                await grpc_context.abort(abort.code, abort.details)
+            finally:
+                self._leave_stream()
+
+        return stream
 
     # -- lifecycle -------------------------------------------------------------------------
 
