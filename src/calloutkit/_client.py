@@ -118,25 +118,21 @@ class _FakeContext:
         raise StreamEnded(code, details)
 
 
-class CalloutStream:
-    """One ext_proc stream (one HTTP request) against an in-process server.
+class InProcessStream:
+    """One stream against an in-process server: the server's own handler over two queues.
 
-    Each phase method sends one message and returns the server's reply (None in observability
-    mode). Raises `StreamEnded` when the server ends the stream with a status.
+    The shared plumbing of `CalloutStream` and the network client's stream: a server task
+    reading an inbox and filling an outbox, `close`, and ``async with``.
     """
 
-    def __init__(self, server: CalloutServer, config: pb.ProtocolConfiguration,
-                 observability: bool, metadata: Sequence[tuple[str, str]]) -> None:
+    def __init__(self, server: Any, metadata: Sequence[tuple[str, str]]) -> None:
         self._server = server
-        self._config = config
-        self._observability = observability
-        self._inbox: asyncio.Queue[pb.ProcessingRequest | None] = asyncio.Queue()
-        self._outbox: asyncio.Queue[pb.ProcessingResponse | BaseException] = asyncio.Queue()
+        self._inbox: asyncio.Queue[Any] = asyncio.Queue()
+        self._outbox: asyncio.Queue[Any] = asyncio.Queue()
         self._consumed = asyncio.Event()
-        self._first = True
         self._task = asyncio.ensure_future(self._run(_FakeContext(metadata)))
 
-    async def _requests(self) -> AsyncIterator[pb.ProcessingRequest]:
+    async def _requests(self) -> AsyncIterator[Any]:
         while True:
             self._consumed.set()  # asking for the next message means the last one is done
             request = await self._inbox.get()
@@ -151,6 +147,53 @@ class CalloutStream:
                 await self._outbox.put(response)
         except BaseException as exc:  # handed to the caller of send()
             await self._outbox.put(exc)
+        else:
+            await self._outbox.put(StreamEnded(grpc.StatusCode.OK, "stream ended"))
+
+    async def _exchange(self, request: Any, expect_reply: bool = True) -> Any:
+        """Send one request; return its reply, or None once it was handled without one."""
+        self._consumed.clear()
+        await self._inbox.put(request)
+        if not expect_reply:
+            waiter = asyncio.ensure_future(self._consumed.wait())
+            await asyncio.wait([waiter, self._task], return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            if self._task.done() and not self._outbox.empty():
+                self._raise(self._outbox.get_nowait())
+            return None
+        return self._raise(await self._outbox.get())
+
+    @staticmethod
+    def _raise(item: Any) -> Any:
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    async def close(self) -> None:
+        """Half-close the stream and wait for the server to finish it."""
+        await self._inbox.put(None)
+        await asyncio.gather(self._task, return_exceptions=True)
+
+    async def __aenter__(self) -> Any:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class CalloutStream(InProcessStream):
+    """One ext_proc stream (one HTTP request) against an in-process server.
+
+    Each phase method sends one message and returns the server's reply (None in observability
+    mode). Raises `StreamEnded` when the server ends the stream with a status.
+    """
+
+    def __init__(self, server: CalloutServer, config: pb.ProtocolConfiguration,
+                 observability: bool, metadata: Sequence[tuple[str, str]]) -> None:
+        super().__init__(server, metadata)
+        self._config = config
+        self._observability = observability
+        self._first = True
 
     async def send(self, request: pb.ProcessingRequest) -> pb.ProcessingResponse | None:
         """Send a raw `ProcessingRequest`; protocol_config is added to the first one."""
@@ -160,23 +203,9 @@ class CalloutStream:
                 request.protocol_config.CopyFrom(self._config)
         if self._observability:
             request.observability_mode = True
-        self._consumed.clear()
-        await self._inbox.put(request)
-        if self._observability:
-            waiter = asyncio.ensure_future(self._consumed.wait())
-            await asyncio.wait([waiter, self._task], return_when=asyncio.FIRST_COMPLETED)
-            waiter.cancel()
-            if self._task.done() and not self._outbox.empty():
-                self._raise(self._outbox.get_nowait())
-            return None
-        item = await self._outbox.get()
-        return self._raise(item)
-
-    @staticmethod
-    def _raise(item: pb.ProcessingResponse | BaseException) -> pb.ProcessingResponse:
-        if isinstance(item, BaseException):
-            raise item
-        return item
+        response: pb.ProcessingResponse | None = await self._exchange(
+            request, expect_reply=not self._observability)
+        return response
 
     async def request_headers(self, headers: HeaderInput, end_of_stream: bool = False,
                               attributes: Mapping[str, Mapping[str, Any]] | None = None,
@@ -215,18 +244,6 @@ class CalloutStream:
     async def response_trailers(self, trailers: HeaderInput) -> pb.ProcessingResponse | None:
         """Send response trailers."""
         return await self.send(pb.ProcessingRequest(response_trailers=http_trailers(trailers)))
-
-    async def close(self) -> None:
-        """Half-close the stream and wait for the server to finish it."""
-        await self._inbox.put(None)
-        await asyncio.gather(self._task, return_exceptions=True)
-
-    async def __aenter__(self) -> CalloutStream:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
 
 class CalloutClient:
     """Test a `CalloutServer` subclass without Envoy or sockets.

@@ -29,14 +29,14 @@ import base64
 import json
 import os
 import sys
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
 import grpc
 from envoy.service.network_ext_proc.v3 import network_external_processor_pb2 as npb
 from google.protobuf import json_format
 
-from ._client import StreamEnded, _FakeContext
+from ._client import InProcessStream
 from ._config import format_address, parse_address
 from ._exceptions import ConfigError
 from ._network import SERVICE_NAME, NetworkCalloutServer
@@ -143,7 +143,7 @@ def reply_to_dict(response: npb.ProcessingResponse) -> dict[str, Any]:
     return out
 
 
-class NetworkCalloutStream:
+class NetworkCalloutStream(InProcessStream):
     """One TCP connection's stream against an in-process `NetworkCalloutServer`.
 
     ``read`` / ``write`` send one chunk and return the server's reply; `StreamEnded` is raised
@@ -152,33 +152,14 @@ class NetworkCalloutStream:
 
     def __init__(self, server: NetworkCalloutServer,
                  metadata: Sequence[tuple[str, str]]) -> None:
-        self._server = server
-        self._inbox: asyncio.Queue[npb.ProcessingRequest | None] = asyncio.Queue()
-        self._outbox: asyncio.Queue[npb.ProcessingResponse | BaseException] = asyncio.Queue()
-        self._task = asyncio.ensure_future(self._run(_FakeContext(metadata)))
-
-    async def _requests(self) -> AsyncIterator[npb.ProcessingRequest]:
-        while (request := await self._inbox.get()) is not None:
-            yield request
-
-    async def _run(self, context: _FakeContext) -> None:
-        try:
-            async for response in self._server._stream(self._requests(), context):
-                await self._outbox.put(response)
-        except BaseException as exc:  # handed to the caller of send()
-            await self._outbox.put(exc)
-        else:
-            await self._outbox.put(StreamEnded(grpc.StatusCode.OK, "stream ended"))
+        super().__init__(server, metadata)
 
     async def send(self, request: npb.ProcessingRequest) -> npb.ProcessingResponse:
         """Send a raw `ProcessingRequest` and return the reply."""
         if not (request.HasField("read_data") or request.HasField("write_data")):
             raise ValueError("a network ProcessingRequest carries read_data or write_data")
-        await self._inbox.put(request)
-        item = await self._outbox.get()
-        if isinstance(item, BaseException):
-            raise item
-        return item
+        response: npb.ProcessingResponse = await self._exchange(request)
+        return response
 
     async def read(self, data: bytes | str, end_of_stream: bool = False,
                    metadata: Mapping[str, Mapping[str, Any]] | None = None,
@@ -191,17 +172,6 @@ class NetworkCalloutStream:
                     ) -> npb.ProcessingResponse:
         """Send upstream-to-client bytes (``write_data``)."""
         return await self.send(data_request("write", data, end_of_stream, metadata))
-
-    async def close(self) -> None:
-        """Half-close the stream (the connection is over) and let the server finish."""
-        await self._inbox.put(None)
-        await asyncio.gather(self._task, return_exceptions=True)
-
-    async def __aenter__(self) -> NetworkCalloutStream:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
 
 
 class NetworkCalloutClient:
