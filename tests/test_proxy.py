@@ -15,7 +15,7 @@ from typing import Any
 
 import grpc
 import pytest
-from proxy_testservice import BIG, EchoBackend, protos
+from proxy_testservice import BIG, EchoBackend, assert_no_tasks_left, protos
 
 from calloutkit.proxy import (
     ChannelPool,
@@ -44,14 +44,7 @@ Code = grpc.StatusCode
 async def no_leftovers() -> AsyncIterator[None]:
     """E14: after each case, no task of the proxy (or anyone) is still running."""
     yield
-    current = asyncio.current_task()
-    left: list[asyncio.Task[Any]] = []
-    for _ in range(200):
-        left = [t for t in asyncio.all_tasks() if t is not current and not t.done()]
-        if not left:
-            break
-        await asyncio.sleep(0.01)
-    assert not left, f"tasks left behind: {left}"
+    await assert_no_tasks_left()
 
 
 class Backends:
@@ -992,3 +985,22 @@ def test_metadata_filter() -> None:
                         ("grpc-timeout", "1S"), ("grpc-trace-bin", b"t"), ("grpc-foo", "no"),
                         ("connection", "close"), ("data-bin", b"\x00")])
     assert kept == (("x-team", "a"), ("grpc-trace-bin", b"t"), ("data-bin", b"\x00"))
+
+
+def test_public_surface() -> None:
+    """Exports change only on purpose, and each is documented."""
+    import inspect
+
+    import calloutkit.proxy
+
+    assert set(calloutkit.proxy.__all__) == {
+        "WELL_KNOWN_UNARY", "Backend", "BackendConfig", "ChannelPool", "Destination",
+        "Director", "HealthCheckConfig", "MirrorPolicy", "MirroringConfig", "Overflow", "Peeker",
+        "ProxyError", "ProxyServer", "RouteConfig", "Router", "RoutingConfig",
+        "StreamParameters", "Target", "TlsConfig", "TransparentHandler", "TykMatch", "TykView",
+        "WireError", "channel_options", "event_view", "fields", "forwardable", "handle_stream",
+        "handle_unary", "object_view", "register_service", "register_stream_handlers"}
+    for name in calloutkit.proxy.__all__:
+        obj = getattr(calloutkit.proxy, name)
+        if inspect.isclass(obj) or inspect.isfunction(obj):
+            assert inspect.getdoc(obj), f"calloutkit.proxy.{name} has no docstring"

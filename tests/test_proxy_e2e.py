@@ -15,7 +15,7 @@ from typing import Any
 
 import grpc
 import pytest
-from proxy_testservice import HERE, EchoBackend, protos
+from proxy_testservice import HERE, EchoBackend, assert_no_tasks_left, protos
 
 from calloutkit import CalloutServer, add_header_mutation
 from calloutkit.proxy import ProxyServer, RoutingConfig
@@ -24,6 +24,14 @@ from calloutkit.testing import Envoy, UpstreamServer, envoy_config, http_request
 pb, pb_grpc = protos()
 SERVER = {"plaintext_address": ("127.0.0.1", 0), "disable_tls": True,
           "combined_health_check": True, "grace_period": 5}
+
+
+
+@pytest.fixture(autouse=True)
+async def no_leftovers() -> AsyncIterator[None]:
+    """No task the proxy started may outlive a test."""
+    yield
+    await assert_no_tasks_left()
 
 
 def routing(text: str) -> RoutingConfig:

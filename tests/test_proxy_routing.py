@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from proxy_testservice import BIG, EchoBackend, protos
+from proxy_testservice import BIG, EchoBackend, assert_no_tasks_left, protos
 
 from calloutkit import ConfigError
 from calloutkit.proxy import (
@@ -41,6 +41,14 @@ pb, pb_grpc = protos()
 Code = grpc.StatusCode
 SERVER = {"plaintext_address": ("127.0.0.1", 0), "disable_tls": True,
           "combined_health_check": True, "grace_period": 5}
+
+
+
+@pytest.fixture(autouse=True)
+async def no_leftovers() -> AsyncIterator[None]:
+    """No task the proxy started may outlive a test."""
+    yield
+    await assert_no_tasks_left()
 
 
 def parse(text: str) -> RoutingConfig:
@@ -523,9 +531,12 @@ def test_cli_check(tmp_path: Path) -> None:
     done = _cli("proxy", "--config", str(path), "--check")
     assert done.returncode == 0, done.stderr
     assert f"{path}: OK" in done.stdout
-    assert "1. team-a: tyk api_id in ['api-1', 'api-2'] and tyk hook_type in [1, 5] and tyk " \
+    assert "1. team-a: tyk api_id in ['api-1', 'api-2'] and tyk hook_type in ['Pre', " \
+           "'Response'] and tyk " \
            "path_prefix in ['/a/'] -> team-a (mirrors: team-a-next) (timeout 1.5s)" in done.stdout
     assert "default: everyone" in done.stdout
+    assert "listeners: plaintext_address=127.0.0.1:5555, combined_health_check=True" \
+        in done.stdout
 
 
 def test_cli_errors_are_one_line(tmp_path: Path) -> None:

@@ -51,6 +51,18 @@ def protos() -> tuple[ModuleType, ModuleType]:
             importlib.import_module("proxytest_echo_pb2_grpc"))
 
 
+async def assert_no_tasks_left(timeout: float = 2.0) -> None:
+    """Fail if any asyncio task other than the caller is still running after ``timeout``."""
+    current = asyncio.current_task()
+    left: list[asyncio.Task[Any]] = []
+    for _ in range(int(timeout / 0.01)):
+        left = [t for t in asyncio.all_tasks() if t is not current and not t.done()]
+        if not left:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"tasks left behind: {left}")
+
+
 @dataclasses.dataclass
 class Seen:
     """One call as the backend saw it."""

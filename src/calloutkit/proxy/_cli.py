@@ -12,9 +12,10 @@ import os
 from typing import Any
 
 from .._cli import add_server_arguments, server_kwargs
-from .._config import ENV_PREFIX, PATH_DEFAULTS, SERVER_OPTIONS
+from .._config import ENV_PREFIX, PATH_DEFAULTS, SERVER_OPTIONS, format_address
 from .._exceptions import ConfigError
 from ._routes import RouteConfig, RoutingConfig
+from ._tyk import HOOK_TYPES
 
 _BOOLS = {name for name, kind, _ in SERVER_OPTIONS if kind == "bool"}
 
@@ -66,6 +67,8 @@ def _route_line(route: RouteConfig) -> str:
         for field in ("api_id", "org_id", "hook_name", "hook_type", "request_method",
                       "path_prefix", "handler_name"):
             value = getattr(route.tyk, field)
+            if field == "hook_type" and value is not None:
+                value = {name for name, number in HOOK_TYPES.items() if number in value}
             if value is not None:
                 conditions.append(f"tyk {field} in {sorted(value)}")
     text = f"{route.name}: {' and '.join(conditions) or 'everything'} -> {route.backend}"
@@ -80,7 +83,9 @@ def describe(routing: RoutingConfig) -> str:
     """A human summary of a validated routing file."""
     lines = [f"{routing.path}: OK"]
     if routing.listeners:
-        lines.append("listeners: " + ", ".join(f"{k}={v}" for k, v in routing.listeners.items()))
+        lines.append("listeners: " + ", ".join(
+            f"{k}={format_address(v) if isinstance(v, tuple) else v}"
+            for k, v in routing.listeners.items()))
     lines.append("backends:")
     for backend in routing.backends.values():
         extras = [backend.balancing]

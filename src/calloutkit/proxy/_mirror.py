@@ -235,9 +235,10 @@ class Leg:
         except asyncio.CancelledError:
             if task_cancelled():
                 self._release()
+                call.cancel()
                 if self._sender is not None:
                     self._sender.cancel()
-                call.cancel()
+                    await asyncio.gather(self._sender, return_exceptions=True)
                 await self._conclude(ProxyError(grpc.StatusCode.CANCELLED, "mirror cancelled"))
                 raise
             error = ProxyError(grpc.StatusCode.CANCELLED, "call cancelled")  # channel closed

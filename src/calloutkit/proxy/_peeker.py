@@ -40,7 +40,8 @@ class Peeker:
 
     @property
     def peeked(self) -> bool:
-        """True once the first frame was read (or the stream was found empty)."""
+        """True once the first frame was taken from a client stream (or it was found empty):
+        the proxy then replays it. Always False for a unary call, whose request is in hand."""
         return self._peeked and self._context is not None
 
     @property
