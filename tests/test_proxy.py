@@ -425,6 +425,18 @@ async def test_err_handler_cannot_swallow_on_unary_fast_path(backends: Backends)
 
 
 @pytest.mark.parametrize("mode", MODES)
+async def test_err_handler_substitute_response(proxy: Proxy, backends: Backends) -> None:
+    """A primary err_handler may answer for the failed backend, on either path."""
+    a = await backends()
+    substitute = pb.Pong(value="substitute").SerializeToString()
+    proxy.director = lambda m, c, p: StreamParameters(
+        Destination(a.target, err_handler=lambda exc: substitute))
+    call = proxy.echo.Unary(ping(), metadata=[("x-fail", "INTERNAL:boom")])
+    assert (await call).value == "substitute"
+    assert await call.code() == Code.OK
+
+
+@pytest.mark.parametrize("mode", MODES)
 async def test_swallowed_error_surfaces_finalizer_error(proxy: Proxy, backends: Backends) -> None:
     a = await backends()
     substitute = pb.Pong(value="substitute").SerializeToString()
@@ -916,6 +928,31 @@ async def test_lagging_mirror_is_cut_off(proxy: Proxy, backends: Backends) -> No
     [error] = errors
     assert isinstance(error, ProxyError) and error.code == Code.RESOURCE_EXHAUSTED
     assert "fell behind" in error.details
+
+
+async def test_block_overflow_back_pressures(proxy: Proxy, backends: Backends) -> None:
+    """Overflow.BLOCK (Gitaly): a stalled secondary holds the client back and loses nothing."""
+    a, m = await backends("a"), await backends("mirror")
+    proxy.director = lambda meth, c, p: StreamParameters(
+        Destination(a.target), [Destination(m.target, metadata=[("x-block", "1")])],
+        wait_for_secondaries=True, secondary_overflow=Overflow.BLOCK,
+        mirror=MirrorPolicy(queue_size=2))
+    blob = b"x" * (256 * 1024)
+    call = proxy.echo.Bidi()
+
+    async def client() -> None:
+        for i in range(40):
+            await call.write(ping(counter=i, blob=blob))
+            assert (await call.read()).counter == i
+        await call.done_writing()
+        assert await call.read() is grpc.aio.EOF
+
+    task = asyncio.ensure_future(client())
+    done, _ = await asyncio.wait([task], timeout=1.0)
+    assert not done  # held back by the stalled secondary
+    m.release.set()
+    await task
+    assert [r.counter for r in m.calls[0].requests] == list(range(40))
 
 
 async def test_mirror_cap_skips_and_reports(proxy: Proxy, backends: Backends) -> None:

@@ -91,12 +91,9 @@ async def test_envoy_ext_proc_streams_routed_by_metadata() -> None:
     await proxy.start()
     try:
         assert proxy.plaintext_port is not None
-        config = _two_routes(envoy_config(proxy.plaintext_port, 0,
-                                          initial_metadata={"x-callout": "a"}))
         with UpstreamServer() as upstream:
-            config["static_resources"]["clusters"][1]["load_assignment"]["endpoints"][0][
-                "lb_endpoints"][0]["endpoint"]["address"]["socket_address"]["port_value"] = (
-                upstream.port)
+            config = _two_routes(envoy_config(proxy.plaintext_port, upstream.port,
+                                              initial_metadata={"x-callout": "a"}))
             with Envoy(config) as envoy:
                 for path, tag in [("/a/1", "a"), ("/b/1", "b"), ("/x", "a"), ("/b/2", "b")]:
                     response = await asyncio.to_thread(http_request, envoy.url + path)

@@ -125,7 +125,7 @@ def test_full_file_parses() -> None:
     ("backends:\n  a: {targets: [x:1]}\nroutes:\n  - match: {tyk: {hook_type: Pree}}\n"
      "    backend: a\n",
      "routes.yaml:4: routes[0].match.tyk.hook_type: 'Pree' is not one of Pre, Post, "
-     "PostKeyAuth, CustomKeyCheck, Response"),
+     "PostKeyAuth, CustomKeyCheck, Response (or 1-5)"),
     ("backends:\n  a:\n    targets: [x:1]\n    eject_for: soon\n",
      "routes.yaml:4: backends.a.eject_for: 'soon' is not a duration (e.g. 500ms, 5s, 1m)"),
     ("backends:\n  a:\n    targets:\n      - localhost\ndefault: a\n",
@@ -164,6 +164,17 @@ def test_full_file_parses() -> None:
 ])
 def test_errors_name_file_line_and_key(text: str, expected: str) -> None:
     assert error_of(text).startswith(expected)
+
+
+def test_hook_type_spellings() -> None:
+    config = parse("""\
+        backends: {a: {targets: x:1}}
+        routes:
+          - match: {tyk: {hook_type: [pre, post_key_auth, auth_check, CustomKeyCheck, 5]}}
+            backend: a
+        """)
+    assert config.routes[0].tyk is not None
+    assert config.routes[0].tyk.hook_type == {1, 3, 4, 5}
 
 
 def test_missing_file(tmp_path: Path) -> None:
@@ -454,7 +465,7 @@ async def test_drain_finishes_calls_in_flight_and_refuses_new(echo: Any, serve: 
         await asyncio.sleep(0.01)
     stopping = asyncio.ensure_future(server.stop(5))
     for _ in range(300):
-        if server._draining:
+        if not server.serving:
             break
         await asyncio.sleep(0.01)
     with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -492,6 +503,23 @@ async def test_reload_keeps_calls_in_flight(echo: Any, serve: Any, tmp_path: Pat
     path.write_text("backends: {b: {targets: nope}}\ndefault: b\n")
     assert not await server.reload()  # logged; the previous routes stay
     assert (await client.echo.Unary(pb.Ping())).backend == "b"
+
+
+def test_listener_precedence(tmp_path: Path) -> None:
+    """Arguments, then CALLOUTKIT_* variables, then the file's listeners."""
+    config = parse("""\
+        listeners: {plaintext_address: 127.0.0.1:5001, grace_period: 7}
+        backends: {a: {targets: x:1}}
+        default: a
+        """)
+    options = {"disable_tls": True, "combined_health_check": True}
+    assert ProxyServer(config, **options).config.plaintext_address == ("127.0.0.1", 5001)
+    env = {"CALLOUTKIT_PLAINTEXT_ADDRESS": "127.0.0.1:5002"}
+    server = ProxyServer(config, environ=env, **options)
+    assert server.config.plaintext_address == ("127.0.0.1", 5002)
+    assert server.config.grace_period == 7
+    server = ProxyServer(config, environ=env, plaintext_address="127.0.0.1:5003", **options)
+    assert server.config.plaintext_address == ("127.0.0.1", 5003)
 
 
 def test_proxy_server_needs_routes() -> None:

@@ -51,7 +51,7 @@ import yaml
 from .._config import SERVER_OPTIONS, parse_address
 from .._exceptions import ConfigError
 from ._handler import WELL_KNOWN_UNARY
-from ._tyk import DISPATCH, DISPATCH_EVENT, HOOK_TYPES
+from ._tyk import DISPATCH, DISPATCH_EVENT, HOOK_TYPES, hook_type
 
 BALANCING = ("round_robin", "least_outstanding")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*$")
@@ -561,10 +561,11 @@ class _Reader:
             if key == "hook_type":
                 types = set()
                 for name in values:
-                    if name not in HOOK_TYPES:
+                    number = hook_type(name)
+                    if number is None:
                         raise self.fail(at, k_where, f"{name!r} is not one of "
-                                                     f"{', '.join(HOOK_TYPES)}")
-                    types.add(HOOK_TYPES[name])
+                                                     f"{', '.join(HOOK_TYPES)} (or 1-5)")
+                    types.add(number)
                 out[key] = frozenset(types)
             elif key == "path_prefix":
                 if any(not v.startswith("/") for v in values):

@@ -15,11 +15,12 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import grpc
 
+from .._config import SERVER_OPTIONS, env_value
 from .._exceptions import ConfigError
 from .._server import BaseServer
 from ._backends import Backend
@@ -33,6 +34,8 @@ from ._routes import RoutingConfig
 from ._stream import Context
 
 logger = logging.getLogger(__name__)
+
+_KINDS = {name: kind for name, kind, _ in SERVER_OPTIONS}
 
 
 class _ProxyHandler(TransparentHandler):
@@ -69,8 +72,9 @@ class ProxyServer(BaseServer):
 
     Give it a routing file (or a `RoutingConfig`), or a ``director``, or subclass it and
     override `direct`. Listener options in the file's ``listeners:`` section apply unless
-    given here; all other constructor options are the runtime's (``plaintext_address``,
-    ``grace_period``, ...). ``unary_methods`` overrides the file's fast-path methods.
+    given here or in a ``CALLOUTKIT_*`` variable; all other constructor options are the
+    runtime's (``plaintext_address``, ``grace_period``, ...). ``unary_methods`` overrides the
+    file's fast-path methods.
 
     Example::
 
@@ -91,7 +95,7 @@ class ProxyServer(BaseServer):
         if routing is None and director is None and type(self).direct is ProxyServer.direct:
             raise ConfigError("ProxyServer needs a routing file (config=...), a director, or "
                               "a direct() method in a subclass")
-        super().__init__(**{**(routing.listeners if routing is not None else {}), **options})
+        super().__init__(**{**_file_listeners(routing, options), **options})
         self.routing = routing
         self.mirror = mirror if mirror is not None else (
             _policy(routing) if routing is not None else MirrorPolicy())
@@ -240,6 +244,16 @@ class ProxyServer(BaseServer):
         if threading.current_thread() is threading.main_thread():
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._on_sighup)
         await super()._run_with_signals()
+
+
+def _file_listeners(routing: RoutingConfig | None,
+                    options: Mapping[str, Any]) -> dict[str, Any]:
+    """The file's listener options that neither an argument nor a variable overrides."""
+    if routing is None:
+        return {}
+    environ = options.get("environ")
+    return {key: value for key, value in routing.listeners.items()
+            if key not in options and env_value(key, _KINDS[key], environ) is None}
 
 
 def _policy(routing: RoutingConfig) -> MirrorPolicy:

@@ -25,6 +25,23 @@ DISPATCH_EVENT = "/coprocess.Dispatcher/DispatchEvent"
 
 #: Tyk's ``HookType`` enum, by the names its API definitions use.
 HOOK_TYPES = {"Pre": 1, "Post": 2, "PostKeyAuth": 3, "CustomKeyCheck": 4, "Response": 5}
+# Spellings accepted in routing files: any case, with or without _ and -, and auth_check.
+_HOOK_SPELLINGS = {**{name.lower(): n for name, n in HOOK_TYPES.items()}, "authcheck": 4}
+
+
+def hook_type(value: object) -> int | None:
+    """The ``HookType`` number for a name (``Pre``, ``post_key_auth``, ``auth_check``) or a
+    number 1-5; None if it is neither."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if 1 <= value <= 5 else None
+    if isinstance(value, str):
+        text = value.strip()
+        if text.isdigit():
+            return hook_type(int(text))
+        return _HOOK_SPELLINGS.get(text.lower().replace("_", "").replace("-", ""))
+    return None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
