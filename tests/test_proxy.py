@@ -487,6 +487,37 @@ async def test_fail_destinations_calls_all_err_handlers(proxy: Proxy, backends: 
     assert (cancelled.code, cancelled.details) == (Code.CANCELLED, "primary failed")
 
 
+async def test_fail_destinations_that_cannot_open() -> None:
+    """Gitaly's failDestinationsWithError: when a stream cannot even be opened, every
+    err_handler (primary and secondaries) gets the error and the call fails with it."""
+    seen: list[tuple[str, BaseException]] = []
+
+    def recorder(name: str) -> Callable[[BaseException], BaseException]:
+        def handler(exc: BaseException) -> BaseException:
+            seen.append((name, exc))
+            return exc
+        return handler
+
+    async def local(request_iterator: Any, context: Any) -> None:
+        # A target string without a ChannelPool cannot become a channel.
+        await handle_stream(context, "/echo.Echo/Bidi", StreamParameters(
+            Destination("127.0.0.1:1", err_handler=recorder("primary")),
+            [Destination("127.0.0.1:1", err_handler=recorder("secondary"))],
+            wait_for_secondaries=True))
+
+    proxy = Proxy("stream")
+    await proxy.start(lambda server: register_stream_handlers(server, "echo.Echo",
+                                                              {"Bidi": local}))
+    try:
+        err = await rpc_error(proxy.echo.Bidi(iter([ping()])).read())
+        assert err.code() == Code.INTERNAL
+        assert err.details().startswith("initiate primary stream: ")
+        assert [name for name, _ in seen] == ["primary", "secondary"]
+        assert all(str(e) == str(seen[0][1]) for _, e in seen)
+    finally:
+        await proxy.stop()
+
+
 # -- 7.7: Gitaly peeker_test ---------------------------------------------------------------------
 
 async def test_stream_peeking(proxy: Proxy, backends: Backends) -> None:

@@ -143,11 +143,13 @@ class _Proxy:
             finish(self.params.primary, code)
 
     async def fail_to_open(self, what: str, error: BaseException,
-                           others: Sequence[Destination]) -> _Status:
+                           others: Sequence[Destination], *, primary_failed: bool) -> _Status:
         """A leg could not be opened: the call fails and every err_handler hears of it."""
-        code = error.code if isinstance(error, ProxyError) else grpc.StatusCode.UNAVAILABLE
+        # Opening is local (grpc.aio connects lazily): a failure here is the proxy's own, never
+        # the backend's, so it must not count against the backend's health.
+        code = error.code if isinstance(error, ProxyError) else grpc.StatusCode.INTERNAL
         wrapped = ProxyError(code, f"{what}: {error}")
-        self.finish_primary(code)
+        self.finish_primary(code if primary_failed else grpc.StatusCode.CANCELLED)
         await call_err_handler(self.params.primary, wrapped)
         for dst in others:
             finish(dst, code)
@@ -172,8 +174,8 @@ class _Proxy:
             except Exception as exc:
                 if self.wait:  # Gitaly semantics: a secondary that cannot start fails the call
                     return await self.fail_to_open("initiate secondary stream", exc,
-                                                   secondaries[index:])
-                await leg.refuse(ProxyError(grpc.StatusCode.UNAVAILABLE,
+                                                   secondaries[index:], primary_failed=False)
+                await leg.refuse(ProxyError(grpc.StatusCode.INTERNAL,
                                             f"initiate secondary stream: {exc}"))
                 continue
             self.legs.append(leg)
@@ -244,7 +246,8 @@ async def handle_stream(context: Context, method: str, params: StreamParameters,
             compression=params.compression, wait_for_ready=params.wait_for_ready)
     except Exception as exc:
         await proxy.finish(await proxy.fail_to_open("initiate primary stream", exc,
-                                                    params.secondaries), None)
+                                                    params.secondaries, primary_failed=True),
+                           None)
         return
 
     def open_secondary(channel: grpc.aio.Channel, dst: Destination,
@@ -445,7 +448,8 @@ async def handle_unary(context: Context, method: str, request: bytes, params: St
             compression=params.compression, wait_for_ready=params.wait_for_ready)
     except Exception as exc:
         await proxy.finish(await proxy.fail_to_open("initiate primary call", exc,
-                                                    params.secondaries), None)
+                                                    params.secondaries, primary_failed=True),
+                           None)
         return None
 
     def open_secondary(channel: grpc.aio.Channel, dst: Destination,
