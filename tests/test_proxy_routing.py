@@ -447,10 +447,19 @@ async def test_mirrors_from_the_file(echo: Any, serve: Any) -> None:
 
 async def test_proxy_health_is_its_own(echo: Any, serve: Any) -> None:
     (a,) = await backends(echo, "a")
-    _, client = await serve(f"backends: {{a: {{targets: {a.target}}}}}\ndefault: a\n")
-    reply = await health_pb2_grpc.HealthStub(client.channel).Check(
-        health_pb2.HealthCheckRequest())
-    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    _, client = await serve(f"""
+        backends: {{a: {{targets: {a.target}}}}}
+        routes:
+          - match: {{tyk: {{api_id: x}}}}
+            backend: a
+          - match: {{method: /envoy.service.ext_proc.v3.ExternalProcessor/*}}
+            backend: a
+        default: a
+        """)
+    health = health_pb2_grpc.HealthStub(client.channel)
+    for service in ("", "coprocess.Dispatcher", "envoy.service.ext_proc.v3.ExternalProcessor"):
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
     assert a.received == []  # answered by the proxy, never proxied
 
 

@@ -32,6 +32,7 @@ from ._peeker import Peeker
 from ._router import Router
 from ._routes import RoutingConfig
 from ._stream import Context
+from ._tyk import DISPATCH
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +137,10 @@ class ProxyServer(BaseServer):
         return result  # type: ignore[no-any-return]
 
     def _handlers(self) -> Sequence[tuple[str, grpc.GenericRpcHandler]]:
-        return [("", self.handler)]
+        # The runtime reports these names SERVING on the proxy's health service, so a gateway
+        # that health-checks its service by name (e.g. coprocess.Dispatcher) gets an answer.
+        names = _service_names(self.routing) if self.routing is not None else []
+        return [(name, self.handler) for name in names] or [("", self.handler)]
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -244,6 +248,18 @@ class ProxyServer(BaseServer):
         if threading.current_thread() is threading.main_thread():
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._on_sighup)
         await super()._run_with_signals()
+
+
+def _service_names(routing: RoutingConfig) -> list[str]:
+    """The services a routing file names: those of its methods, and Tyk's for tyk routes."""
+    names = set()
+    for route in (*routing.routes, *([routing.default] if routing.default else [])):
+        if route.tyk is not None:
+            names.add(DISPATCH.split("/")[1])
+        for method in route.methods or ():
+            if method != "*":
+                names.add(method.split("/")[1])
+    return sorted(names)
 
 
 def _file_listeners(routing: RoutingConfig | None,
