@@ -42,6 +42,8 @@ def test_workers_share_the_port_and_are_restarted():
             read_until(process, "serving:")
         pids = {answering_pid(port) for _ in range(40)}
         assert len(pids) == 2 and process.pid not in pids
+        os.kill(process.pid, signal.SIGHUP)  # passed on; a server without reload ignores it
+        assert {answering_pid(port) for _ in range(40)} == pids
         victim = min(pids)
         os.kill(victim, signal.SIGKILL)
         read_until(process, "restarting it")

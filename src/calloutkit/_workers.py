@@ -2,9 +2,10 @@
 
 The supervisor forks the workers before any gRPC object exists (gRPC does not survive a fork
 once its core is running), restarts a worker that dies, and passes SIGTERM/SIGINT on so every
-worker drains as a single server would. The kernel spreads new connections across the
-workers; connection age limits (set by the server when ``workers > 1``) make Envoy's few
-long-lived HTTP/2 connections reconnect now and then, so they spread too.
+worker drains as a single server would (and SIGHUP, for servers that reload on it). The
+kernel spreads new connections across the workers; connection age limits (set by the server
+when ``workers > 1``) make Envoy's few long-lived HTTP/2 connections reconnect now and then,
+so they spread too.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ def supervise(workers: int, serve: Callable[[], None]) -> int:
         if pid == 0:  # the worker
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
+            # A server that reloads on SIGHUP installs its own handler; others must not die of it.
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
             os.environ["CALLOUTKIT_WORKER"] = str(index)
             code = 0
             try:
@@ -53,6 +56,10 @@ def supervise(workers: int, serve: Callable[[], None]) -> int:
 
     def forward(sig: int, _frame: FrameType | None) -> None:
         nonlocal stopping
+        if sig == signal.SIGHUP:  # a reload, not a stop: every worker re-reads its config
+            for pid in children:
+                _signal(pid, sig)
+            return
         if stopping and sig in (signal.SIGTERM, signal.SIGINT):
             logger.warning("second %s: killing workers now", signal.Signals(sig).name)
             for pid in children:
@@ -62,7 +69,8 @@ def supervise(workers: int, serve: Callable[[], None]) -> int:
         for pid in children:
             _signal(pid, sig)
 
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {sig: signal.signal(sig, forward)
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     try:
         for index in range(workers):
             spawn(index)

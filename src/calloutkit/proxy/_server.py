@@ -234,16 +234,6 @@ class ProxyServer(BaseServer):
             result = await self.reload()
         return result
 
-    def run(self) -> None:
-        """Serve until SIGTERM/SIGINT; SIGHUP reloads the routing file.
-
-        With ``workers > 1`` send SIGHUP to the process group (``kill -HUP -<pgid>``): each
-        worker reloads; the supervisor ignores it.
-        """
-        if self.config.workers > 1 and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        super().run()
-
     async def _run_with_signals(self) -> None:
         if threading.current_thread() is threading.main_thread():
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._on_sighup)
