@@ -33,7 +33,7 @@ import difflib
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 import grpc
@@ -304,6 +304,50 @@ def open_channel(target: str, *, tls: bool = False, ca: str | None = None,
     return grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(roots), options)
 
 
+async def play(target: str, method: str, request_type: Any, response_type: Any,
+               requests: Sequence[Any], *, show: Callable[[Any], None],
+               last_reply: Callable[[Any], bool], unanswered: str, err: TextIO,
+               wait_for_replies: bool = True, tls: bool = False, ca: str | None = None,
+               authority: str | None = None, metadata: Sequence[tuple[str, str]] = (),
+               timeout: float = 10.0) -> int:
+    """Play ``requests`` on one stream as Envoy does: each after the previous reply.
+
+    The loop L7 and L4 ``send`` share. Stops after a reply for which ``last_reply`` is true,
+    or when the server ends the stream unanswered (saying so, with ``unanswered`` as what Envoy
+    would then do). Returns 0, or 1 after printing the gRPC status and details to ``err``.
+    """
+    async with open_channel(target, tls=tls, ca=ca, authority=authority) as channel:
+        call = channel.stream_stream(
+            method, request_serializer=request_type.SerializeToString,
+            response_deserializer=response_type.FromString,
+        )(metadata=tuple(metadata) or None, timeout=timeout)
+        sent = 0
+        try:
+            for request in requests:
+                await call.write(request)
+                sent += 1
+                if not wait_for_replies:
+                    continue
+                reply = await call.read()
+                if reply is grpc.aio.EOF:
+                    print(f"calloutkit: the server ended the stream after {sent} of "
+                          f"{len(requests)} messages without answering the last "
+                          f"({unanswered})", file=err, flush=True)
+                    break
+                show(reply)
+                if last_reply(reply):
+                    break
+            await call.done_writing()
+            while (reply := await call.read()) is not grpc.aio.EOF:
+                show(reply)
+            code = await call.code()
+            if code != grpc.StatusCode.OK:
+                return _grpc_error(err, code, await call.details())
+        except grpc.aio.AioRpcError as exc:
+            return _grpc_error(err, exc.code(), exc.details())
+    return 0
+
+
 async def send_stream(target: str, description: StreamDescription, *, out: TextIO,
                       err: TextIO, tls: bool = False, ca: str | None = None,
                       authority: str | None = None, metadata: Sequence[tuple[str, str]] = (),
@@ -318,36 +362,15 @@ async def send_stream(target: str, description: StreamDescription, *, out: TextI
     def show(reply: pb.ProcessingResponse) -> None:
         print(json.dumps(reply_to_dict(reply, proto_json), indent=indent), file=out, flush=True)
 
-    async with open_channel(target, tls=tls, ca=ca, authority=authority) as channel:
-        call = channel.stream_stream(
-            _METHOD, request_serializer=pb.ProcessingRequest.SerializeToString,
-            response_deserializer=pb.ProcessingResponse.FromString,
-        )(metadata=tuple(metadata) or None, timeout=timeout)
-        sent = 0
-        try:
-            for request in description.requests:
-                await call.write(request)
-                sent += 1
-                if description.observability_mode:
-                    continue  # Envoy does not wait for answers in observability mode
-                reply = await call.read()
-                if reply is grpc.aio.EOF:
-                    print(f"calloutkit: the server ended the stream after {sent} of "
-                          f"{len(description.requests)} messages without answering the last "
-                          "(Envoy lets the request continue unmodified)", file=err, flush=True)
-                    break
-                show(reply)
-                if reply.WhichOneof("response") == "immediate_response":
-                    break  # Envoy answers the client and sends nothing more
-            await call.done_writing()
-            while (reply := await call.read()) is not grpc.aio.EOF:
-                show(reply)
-            code = await call.code()
-            if code != grpc.StatusCode.OK:
-                return _grpc_error(err, code, await call.details())
-        except grpc.aio.AioRpcError as exc:
-            return _grpc_error(err, exc.code(), exc.details())
-    return 0
+    return await play(
+        target, _METHOD, pb.ProcessingRequest, pb.ProcessingResponse, description.requests,
+        show=show,
+        # after an ImmediateResponse Envoy answers the client and sends nothing more
+        last_reply=lambda reply: reply.WhichOneof("response") == "immediate_response",
+        unanswered="Envoy lets the request continue unmodified", err=err,
+        # Envoy does not wait for answers in observability mode
+        wait_for_replies=not description.observability_mode,
+        tls=tls, ca=ca, authority=authority, metadata=metadata, timeout=timeout)
 
 
 def _grpc_error(err: TextIO, code: grpc.StatusCode, details: str | None) -> int:

@@ -32,7 +32,6 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
-import grpc
 from envoy.service.network_ext_proc.v3 import network_external_processor_pb2 as npb
 from google.protobuf import json_format
 
@@ -43,9 +42,8 @@ from ._network import SERVICE_NAME, NetworkCalloutServer
 from ._send import (
     _body,
     _check_namespaces,
-    _grpc_error,
     load_document,
-    open_channel,
+    play,
     read_source,
 )
 
@@ -212,35 +210,12 @@ async def send_chunks(target: str, requests: Sequence[npb.ProcessingRequest], *,
                 if proto_json else reply_to_dict(reply))
         print(json.dumps(data, indent=indent), file=out, flush=True)
 
-    async with open_channel(target, tls=tls, ca=ca, authority=authority) as channel:
-        call = channel.stream_stream(
-            _METHOD, request_serializer=npb.ProcessingRequest.SerializeToString,
-            response_deserializer=npb.ProcessingResponse.FromString,
-        )(metadata=tuple(metadata) or None, timeout=timeout)
-        sent = 0
-        try:
-            for request in requests:
-                await call.write(request)
-                sent += 1
-                reply = await call.read()
-                if reply is grpc.aio.EOF:
-                    print(f"calloutkit: the server ended the stream after {sent} of "
-                          f"{len(requests)} messages without answering the last (Envoy "
-                          "drops that chunk and stops processing the connection)", file=err,
-                          flush=True)
-                    break
-                show(reply)
-                if reply.connection_status != _STATUS.CONTINUE:
-                    break  # Envoy closes the connection: nothing more is sent
-            await call.done_writing()
-            while (reply := await call.read()) is not grpc.aio.EOF:
-                show(reply)
-            code = await call.code()
-            if code != grpc.StatusCode.OK:
-                return _grpc_error(err, code, await call.details())
-        except grpc.aio.AioRpcError as exc:
-            return _grpc_error(err, exc.code(), exc.details())
-    return 0
+    return await play(
+        target, _METHOD, npb.ProcessingRequest, npb.ProcessingResponse, requests, show=show,
+        # a reply that closes or resets the connection: Envoy sends nothing more
+        last_reply=lambda reply: reply.connection_status != _STATUS.CONTINUE,
+        unanswered="Envoy drops that chunk and stops processing the connection", err=err,
+        tls=tls, ca=ca, authority=authority, metadata=metadata, timeout=timeout)
 
 
 def run_network_send(args: argparse.Namespace) -> int:
