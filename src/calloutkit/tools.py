@@ -175,8 +175,7 @@ def header_dict(headers: pb.HttpHeaders | pb.HttpTrailers | base_pb2.HeaderMap
     >>> header_dict(pb.HttpHeaders())
     {}
     """
-    return {h.key.lower(): (h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value)
-            for h in _header_values(headers)}
+    return {h.key.lower(): _text(h) for h in _header_values(headers)}
 
 
 def get_header(headers: pb.HttpHeaders | pb.HttpTrailers | base_pb2.HeaderMap, name: str,
@@ -189,7 +188,7 @@ def get_header(headers: pb.HttpHeaders | pb.HttpTrailers | base_pb2.HeaderMap, n
     name = name.lower()
     for h in _header_values(headers):
         if h.key.lower() == name:
-            return str(h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value)
+            return _text(h)
     return default
 
 
@@ -205,7 +204,7 @@ def headers_contain(http_headers: pb.HttpHeaders | pb.HttpTrailers, key: str,
         if h.key.lower() == key:
             if value is None:
                 return True
-            if (h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value) == value:
+            if _text(h) == value:
                 return True
     return False
 
@@ -304,6 +303,12 @@ def add_dynamic_metadata(context: CalloutContext, reply: Any,
     else:
         json_format.ParseDict(dict(metadata), response.dynamic_metadata)
     return response
+
+
+def _text(header: base_pb2.HeaderValue) -> str:
+    """A header's value as text: ``raw_value`` (what Envoy sends), else ``value`` (other
+    data planes)."""
+    return str(header.raw_value.decode("utf-8", "replace") if header.raw_value else header.value)
 
 
 def _header_values(headers: Any) -> Iterable[base_pb2.HeaderValue]:
