@@ -98,5 +98,5 @@ def test_bad_environment_value_names_the_variable():
 def test_server_thread_count_sizes_the_pool_for_sync_callbacks():
     server = CalloutServer(server_thread_count=3, disable_tls=True)
     assert server.config.thread_count == 3
-    assert server._executor._max_workers == 3
+    assert server._pool._size == 3
     assert os.cpu_count()  # the default is derived from it

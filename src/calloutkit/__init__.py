@@ -18,8 +18,9 @@ from ._config import ServerConfig, parse_address
 from ._context import CalloutContext
 from ._exceptions import CalloutError, CalloutKitError, ConfigError, TargetError
 from ._extproc import CalloutServer, ErrorPolicy
+from ._invoke import nonblocking
 from ._network import NetworkCalloutServer, NetworkContext, ProcessingResult
-from ._server import BaseServer, nonblocking
+from ._server import BaseServer
 from .tools import (
     add_body_mutation,
     add_dynamic_metadata,

@@ -43,7 +43,7 @@ class CalloutContext:
             tenant = context.request.metadata_context.filter_metadata["tenant"]
     """
 
-    __slots__ = ("_content_length", "_grpc", "_strip_response_length", "request",
+    __slots__ = ("_grpc", "_strip_response_length", "request",
                  "request_body_mode", "request_headers", "response_body_mode",
                  "response_headers", "state")
 
@@ -55,8 +55,6 @@ class CalloutContext:
         self.response_headers: HttpHeaders | None = None
         self.request_body_mode = 0
         self.response_body_mode = 0
-        # content-length seen in the request and response headers, by direction (0 / 1)
-        self._content_length: list[bool] = [False, False]
         self._strip_response_length = False
 
     @property

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import enum
 import functools
+import inspect
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from types import CoroutineType
 from typing import Any
 
 import grpc
@@ -22,7 +24,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from ._context import CalloutContext, StreamAbort
 from ._exceptions import CalloutError, ConfigError
-from ._server import BaseServer, Invoker
+from ._invoke import Invoker
+from ._server import BaseServer
 
 logger = logging.getLogger(__name__)
 
@@ -34,15 +37,21 @@ _DUPLEX = (_Mode.FULL_DUPLEX_STREAMED, _Mode.GRPC)
 _STREAMING = (_Mode.STREAMED, *_DUPLEX)
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
-# phase -> (reply type the callback may return, direction: 0 request / 1 response)
-_PHASES: dict[str, tuple[type, int]] = {
-    "request_headers": (pb.HeadersResponse, 0),
-    "response_headers": (pb.HeadersResponse, 1),
-    "request_body": (pb.BodyResponse, 0),
-    "response_body": (pb.BodyResponse, 1),
-    "request_trailers": (pb.TrailersResponse, 0),
-    "response_trailers": (pb.TrailersResponse, 1),
+_HEADERS, _BODY, _TRAILERS = 0, 1, 2
+# phase -> (reply type the callback may return, direction: 0 request / 1 response, kind)
+_PHASES: dict[str, tuple[type, int, int]] = {
+    "request_headers": (pb.HeadersResponse, 0, _HEADERS),
+    "response_headers": (pb.HeadersResponse, 1, _HEADERS),
+    "request_body": (pb.BodyResponse, 0, _BODY),
+    "response_body": (pb.BodyResponse, 1, _BODY),
+    "request_trailers": (pb.TrailersResponse, 0, _TRAILERS),
+    "response_trailers": (pb.TrailersResponse, 1, _TRAILERS),
 }
+
+
+# What a callback may return, recognised by class before anything slower is tried.
+_REPLY_CLASSES = frozenset({type(None), pb.HeadersResponse, pb.BodyResponse, pb.TrailersResponse,
+                            pb.ImmediateResponse, pb.ProcessingResponse})
 
 
 class ErrorPolicy(enum.Enum):
@@ -166,34 +175,49 @@ class CalloutServer(BaseServer):
     def _new_context(self, grpc_context: Any) -> CalloutContext:
         return CalloutContext(grpc_context, self.new_state())
 
-    async def _answer(self, request: pb.ProcessingRequest,
-                      context: CalloutContext) -> pb.ProcessingResponse | None:
-        response = await self._respond(request, context)
-        return None if request.observability_mode else response  # Envoy reads no reply there
-
-    async def _respond(self, request: pb.ProcessingRequest,
-                       context: CalloutContext) -> pb.ProcessingResponse | None:
+    def _answer(self, request: pb.ProcessingRequest, context: CalloutContext,
+                ) -> pb.ProcessingResponse | Coroutine[Any, Any, Any] | None:
+        """The stream's step: the reply itself when it is ready at once (no callback, or an
+        inline one), else a coroutine that produces it. Envoy sends one message per phase and
+        waits for the reply, so every coroutine frame saved here is saved on every message."""
         context.request = request
         if request.HasField("protocol_config"):
             config = request.protocol_config
             context.request_body_mode = config.request_body_mode
             context.response_body_mode = config.response_body_mode
-        if self._custom_process is None:
-            return await self._dispatch(request, context)
+        if self._custom_process is not None:
+            return self._run_process(request, context)
+        if request.observability_mode:
+            return self._observe(request, context)
+        return self._dispatch_now(request, context)
+
+    async def _observe(self, request: pb.ProcessingRequest, context: CalloutContext) -> None:
+        await self._dispatch(request, context)  # Envoy reads no reply in observability mode
+
+    async def _run_process(self, request: pb.ProcessingRequest,
+                           context: CalloutContext) -> pb.ProcessingResponse | None:
+        assert self._custom_process is not None
         try:
             response = await self._custom_process(request, context)
             if response is not None and not isinstance(response, pb.ProcessingResponse):
                 raise CalloutError(f"process() returned {type(response).__name__}; expected "
                                    "ProcessingResponse or None")
-            return response
         except StreamAbort:
             raise
         except Exception:
             logger.exception("process() failed")
-            return await self._on_error(request.WhichOneof("request"), request, context)
+            response = self._on_error(request.WhichOneof("request"), request, context)
+        return None if request.observability_mode else response
 
     async def _dispatch(self, request: pb.ProcessingRequest,
                         context: CalloutContext) -> pb.ProcessingResponse | None:
+        reply = self._dispatch_now(request, context)
+        if reply.__class__ is CoroutineType:
+            return await reply  # type: ignore[no-any-return, misc]
+        return reply  # type: ignore[return-value]
+
+    def _dispatch_now(self, request: pb.ProcessingRequest, context: CalloutContext,
+                      ) -> pb.ProcessingResponse | Coroutine[Any, Any, Any] | None:
         phase = request.WhichOneof("request")
         if phase is None:
             logger.warning("ProcessingRequest without a phase; ignoring it")
@@ -201,23 +225,39 @@ class CalloutServer(BaseServer):
         message = getattr(request, phase)
         if phase == "request_headers":
             context.request_headers = message
-            context._content_length[0] = _has_content_length(message)
         elif phase == "response_headers":
             context.response_headers = message
-            context._content_length[1] = _has_content_length(message)
         callback = self._callbacks[phase]
         if callback is None:
             return self._reply(phase, None, request, context)
+        if callback.is_async:
+            return self._finish(phase, callback.func(message, context), request, context)
+        if not callback.is_inline:
+            return self._finish(phase, callback(message, context), request, context)
         try:
-            return self._reply(phase, await callback(message, context), request, context)
+            result = callback.func(message, context)
+            if result.__class__ not in _REPLY_CLASSES and inspect.isawaitable(result):
+                return self._finish(phase, result, request, context)
+            return self._reply(phase, result, request, context)
         except StreamAbort:
             raise
         except Exception:
             logger.exception("on_%s failed", phase)
-            return await self._on_error(phase, request, context)
+            return self._on_error(phase, request, context)
 
-    async def _on_error(self, phase: str | None, request: pb.ProcessingRequest,
-                        context: CalloutContext) -> pb.ProcessingResponse | None:
+    async def _finish(self, phase: str, pending: Awaitable[Any], request: pb.ProcessingRequest,
+                      context: CalloutContext) -> pb.ProcessingResponse | None:
+        try:
+            result = await pending
+            return self._reply(phase, result, request, context)
+        except StreamAbort:
+            raise
+        except Exception:
+            logger.exception("on_%s failed", phase)
+            return self._on_error(phase, request, context)
+
+    def _on_error(self, phase: str | None, request: pb.ProcessingRequest,
+                  context: CalloutContext) -> pb.ProcessingResponse | None:
         if self.error_policy is ErrorPolicy.ABORT or phase is None:
             raise StreamAbort(grpc.StatusCode.INTERNAL, "callout failed")
         if self.error_policy is ErrorPolicy.CONTINUE:
@@ -229,61 +269,66 @@ class CalloutServer(BaseServer):
 
     def _reply(self, phase: str, result: Any, request: pb.ProcessingRequest,
                context: CalloutContext) -> pb.ProcessingResponse:
-        expected, direction = _PHASES[phase]
-        if result is None:
-            response = pb.ProcessingResponse()
-            getattr(response, phase).SetInParent()
-        elif isinstance(result, expected):
+        expected, direction, kind = _PHASES[phase]
+        which: str | None = phase
+        if isinstance(result, expected):
             response = pb.ProcessingResponse()
             getattr(response, phase).CopyFrom(result)
+        elif result is None:
+            response = pb.ProcessingResponse()
+            getattr(response, phase).SetInParent()
         elif isinstance(result, pb.ProcessingResponse):
             response = result
+            which = response.WhichOneof("response")
+            if which == "immediate_response":
+                _fix_value_only(response.immediate_response.headers, self)
+                return response
+            if which is None:
+                return response
+            kind = _PHASES[which][2]
         elif isinstance(result, pb.ImmediateResponse):
             _fix_value_only(result.headers, self)
             return pb.ProcessingResponse(immediate_response=result)
         else:
             raise CalloutError(f"on_{phase} returned {type(result).__name__}; expected None, "
                                f"{expected.__name__}, ImmediateResponse or ProcessingResponse")
-        which = response.WhichOneof("response")
-        if which == "immediate_response":
-            _fix_value_only(response.immediate_response.headers, self)
-            return response
-        if which is None:
-            return response
-        payload = getattr(response, which)
-        if which.endswith("_trailers"):
+        payload = getattr(response, str(which))
+        if kind == _TRAILERS:
             _fix_value_only(payload.header_mutation, self)
             return response
         common = payload.response
         _fix_value_only(common.header_mutation, self)
-        if which.endswith("_headers"):
-            self._after_headers(response, common, direction, context)
-        elif which.endswith("_body"):
+        if kind == _HEADERS:
+            # Only a whole ProcessingResponse can carry a mode_override.
+            if result is response and response.HasField("mode_override"):
+                self._apply_override(response.mode_override, common, direction, context)
+            if (direction == 1 and context._strip_response_length
+                    and _has_content_length(context.response_headers)):
+                common.header_mutation.remove_headers.append("content-length")
+        else:
             _shape_body(common, getattr(request, phase, None), direction, context)
         return response
 
-    def _after_headers(self, response: pb.ProcessingResponse, common: pb.CommonResponse,
-                       direction: int, context: CalloutContext) -> None:
-        if response.HasField("mode_override"):
-            override = response.mode_override
-            if direction == 0:
-                if (override.request_body_mode in _STREAMING
-                        and context.request_body_mode not in _STREAMING
-                        and context._content_length[0]):
-                    # Envoy strips content-length only for modes configured as streaming; after
-                    # an override a changed chunk would otherwise mismatch it and give a 500.
-                    common.header_mutation.remove_headers.append("content-length")
-                context.request_body_mode = override.request_body_mode
-            if (override.response_body_mode in _STREAMING
-                    and context.response_body_mode not in _STREAMING):
-                context._strip_response_length = True
-            context.response_body_mode = override.response_body_mode
-        if direction == 1 and context._strip_response_length and context._content_length[1]:
-            common.header_mutation.remove_headers.append("content-length")
+    def _apply_override(self, override: Any, common: pb.CommonResponse, direction: int,
+                        context: CalloutContext) -> None:
+        if direction == 0:
+            if (override.request_body_mode in _STREAMING
+                    and context.request_body_mode not in _STREAMING
+                    and _has_content_length(context.request_headers)):
+                # Envoy strips content-length only for modes configured as streaming; after
+                # an override a changed chunk would otherwise mismatch it and give a 500.
+                common.header_mutation.remove_headers.append("content-length")
+            context.request_body_mode = override.request_body_mode
+        if (override.response_body_mode in _STREAMING
+                and context.response_body_mode not in _STREAMING):
+            context._strip_response_length = True
+        context.response_body_mode = override.response_body_mode
 
 
-def _has_content_length(headers: pb.HttpHeaders) -> bool:
-    return any(h.key == "content-length" for h in headers.headers.headers)
+def _has_content_length(headers: pb.HttpHeaders | None) -> bool:
+    # Looked up only when a fix-up may need it: scanning every header message costs more.
+    return headers is not None and any(
+        h.key == "content-length" for h in headers.headers.headers)
 
 
 def _shape_body(common: pb.CommonResponse, body: pb.HttpBody | None, direction: int,
@@ -300,14 +345,17 @@ def _shape_body(common: pb.CommonResponse, body: pb.HttpBody | None, direction: 
         mutation.streamed_response.body = data
         mutation.streamed_response.end_of_stream = bool(body is not None and body.end_of_stream)
         return
-    if (mode in _BUFFERED and kind in ("body", "clear_body") and context._content_length[direction]
-            and not any(o.header.key.lower() == "content-length"
-                        for o in common.header_mutation.set_headers)):
-        length = len(mutation.body) if kind == "body" else 0
-        if body is None or length != len(body.body):
-            common.header_mutation.set_headers.append(base_pb2.HeaderValueOption(
-                header=base_pb2.HeaderValue(key="content-length", raw_value=str(length).encode()),
-                append_action=_OVERWRITE))
+    if mode not in _BUFFERED or kind not in ("body", "clear_body"):
+        return
+    length = len(mutation.body) if kind == "body" else 0
+    if body is not None and length == len(body.body):
+        return
+    headers = context.request_headers if direction == 0 else context.response_headers
+    if _has_content_length(headers) and not any(
+            o.header.key.lower() == "content-length" for o in common.header_mutation.set_headers):
+        common.header_mutation.set_headers.append(base_pb2.HeaderValueOption(
+            header=base_pb2.HeaderValue(key="content-length", raw_value=str(length).encode()),
+            append_action=_OVERWRITE))
 
 
 def _fix_value_only(mutation: Any, server: CalloutServer) -> None:

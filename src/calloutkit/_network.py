@@ -28,7 +28,8 @@ from google.protobuf import json_format, struct_pb2
 from ._context import StreamAbort
 from ._exceptions import CalloutError, ConfigError
 from ._extproc import ErrorPolicy
-from ._server import BaseServer, Invoker
+from ._invoke import Invoker
+from ._server import BaseServer
 
 logger = logging.getLogger(__name__)
 

@@ -15,16 +15,15 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import concurrent.futures
 import contextlib
-import inspect
 import logging
 import os
 import signal
 import ssl
 import tempfile
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from types import CoroutineType
 from typing import Any, TypeVar
 
 import grpc
@@ -40,60 +39,13 @@ from ._config import (
 from ._context import StreamAbort
 from ._exceptions import ConfigError
 from ._health import HttpHealthServer
+from ._invoke import CallbackPool, Invoker
 
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
 C = TypeVar("C")
 
-_INLINE_ATTR = "__calloutkit_nonblocking__"
 _CONNECTION_AGE_MS = 30_000
-
-
-def nonblocking(func: Callable[..., T]) -> Callable[..., T]:
-    """Mark a synchronous callback as fast and non-blocking, so it runs inline on the event loop.
-
-    By default a ``def`` callback runs in the server's thread pool so that a blocking call in it
-    cannot stall other streams. A callback that only builds a reply skips that hop::
-
-        class Server(CalloutServer):
-            @nonblocking
-            def on_request_headers(self, headers, context):
-                return add_header_mutation(add=[("x-seen", "1")])
-    """
-    setattr(func, _INLINE_ATTR, True)
-    return func
-
-
-class Invoker:
-    """Calls one user callback the right way: awaited, inline, or in the thread pool.
-
-    The decision is made once, when the server is built, not per message.
-    """
-
-    __slots__ = ("_func", "_kind", "_server")
-
-    def __init__(self, server: BaseServer, func: Callable[..., Any]) -> None:
-        self._server = server
-        self._func = func
-        if inspect.iscoroutinefunction(func):
-            self._kind = 0
-        elif getattr(func, _INLINE_ATTR, False):
-            self._kind = 1
-        else:
-            self._kind = 2
-
-    async def __call__(self, *args: Any) -> Any:
-        if self._kind == 0:
-            return await self._func(*args)
-        if self._kind == 1:
-            result = self._func(*args)
-        else:
-            loop = asyncio.get_running_loop()
-            result = await loop.run_in_executor(self._server._executor, self._func, *args)
-        if inspect.isawaitable(result):  # a def returning a coroutine still gets awaited
-            return await result
-        return result
 
 
 class BaseServer(abc.ABC):
@@ -157,8 +109,7 @@ class BaseServer(abc.ABC):
             options["reflection"] = self.default_reflection
         self.config = ServerConfig.build(cert_chain=cert_chain, private_key=private_key,
                                          **options)
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=self.config.thread_count, thread_name_prefix="calloutkit-callback")
+        self._pool = CallbackPool(self.config.thread_count)
         self._grpc: grpc.aio.Server | None = None
         self._health_servicer: health.aio.HealthServicer | None = None
         self._http_health: HttpHealthServer | None = None
@@ -199,7 +150,7 @@ class BaseServer(abc.ABC):
 
     def invoker(self, func: Callable[..., Any]) -> Invoker:
         """Wrap a user callback so it is awaited, run inline, or run in the thread pool."""
-        return Invoker(self, func)
+        return Invoker(self._pool, func)
 
     # -- stream accounting, used by handlers ---------------------------------------------
 
@@ -238,14 +189,15 @@ class BaseServer(abc.ABC):
                 response_serializer=response_type.SerializeToString)})
 
     def _stream_function(self, new_context: Callable[[Any], C],
-                         answer: Callable[[Any, C], Awaitable[Any]],
+                         answer: Callable[[Any, C], Any],
                          ) -> Callable[[AsyncIterator[Any], Any], AsyncIterator[Any]]:
         """The handler of a stream-per-request protocol (ext_proc L7 and L4).
 
         One answer per request, with drain accounting: refused while draining, counted while
         open, a reply sent for each answer that is not None; `StreamAbort` ends the stream
-        with its status. (grpc.aio needs an async generator *function* here, hence the
-        closure rather than a generator method.)
+        with its status. ``answer`` returns the reply, None, or a coroutine giving either: a
+        reply that is ready at once costs no coroutine at all. (grpc.aio needs an async
+        generator *function* here, hence the closure rather than a generator method.)
         """
         async def stream(requests: AsyncIterator[Any], grpc_context: Any) -> AsyncIterator[Any]:
             if not self._enter_stream():
@@ -254,7 +206,9 @@ class BaseServer(abc.ABC):
             try:
                 context = new_context(grpc_context)
                 async for request in requests:
-                    response = await answer(request, context)
+                    response = answer(request, context)
+                    if response.__class__ is CoroutineType:
+                        response = await response
                     if response is not None:
                         yield response
             except StreamAbort as abort:
@@ -378,7 +332,7 @@ class BaseServer(abc.ABC):
         await self._grpc.stop(0)
         if self._http_health is not None:
             await self._http_health.stop()
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown()
         self._serving = False
         logger.info("stopped")
         self._stopped.set()

@@ -69,16 +69,25 @@ def header_mutation(add: Iterable[tuple[str, str | bytes]] | None = None,
     b'1'
     """
     mutation = pb.HeaderMutation()
+    _fill_mutation(mutation, add, remove, append_action)
+    return mutation
+
+
+def _fill_mutation(mutation: pb.HeaderMutation, add: Iterable[tuple[str, str | bytes]] | None,
+                   remove: Iterable[str] | None, append_action: int | None) -> None:
+    # Written in place: building a HeaderMutation and copying it in costs a copy per reply.
+    options = mutation.set_headers
     for key, value in add or ():
-        option = mutation.set_headers.add()
-        option.header.key = key.lower()
-        option.header.raw_value = _raw(value)
-        if append_action is not None:
+        header = options.add().header
+        header.key = key.lower()
+        header.raw_value = value if isinstance(value, bytes) else str(value).encode()
+    if append_action is not None:
+        for option in options:
             option.append_action = append_action  # type: ignore[assignment]
             if append_action == HeaderAppendAction.APPEND_IF_EXISTS_OR_ADD:
                 option.append.value = True
-    mutation.remove_headers.extend(k.lower() for k in remove or ())
-    return mutation
+    if remove:
+        mutation.remove_headers.extend(k.lower() for k in remove)
 
 
 def add_header_mutation(add: list[tuple[str, str]] | None = None,
@@ -95,7 +104,7 @@ def add_header_mutation(add: list[tuple[str, str]] | None = None,
     'foo'
     """
     response = pb.HeadersResponse()
-    response.response.header_mutation.CopyFrom(header_mutation(add, remove, append_action))
+    _fill_mutation(response.response.header_mutation, add, remove, append_action)
     if clear_route_cache:
         response.response.clear_route_cache = True
     return response
@@ -109,7 +118,9 @@ def add_trailer_mutation(add: list[tuple[str, str]] | None = None,
     >>> add_trailer_mutation(add=[("x-checksum", "abc")]).header_mutation.set_headers[0].header.key
     'x-checksum'
     """
-    return pb.TrailersResponse(header_mutation=header_mutation(add, remove, append_action))
+    response = pb.TrailersResponse()
+    _fill_mutation(response.header_mutation, add, remove, append_action)
+    return response
 
 
 def add_body_mutation(body: str | bytes | None = None, clear_body: bool = False,
@@ -145,7 +156,7 @@ def header_immediate_response(code: int, headers: list[tuple[str, str]] | None =
     """
     response = pb.ImmediateResponse()
     response.status.code = int(code)  # type: ignore[assignment]
-    response.headers.CopyFrom(header_mutation(headers, None, append_action))
+    _fill_mutation(response.headers, headers, None, append_action)
     if body is not None:
         response.body = _raw(body)
     if details:

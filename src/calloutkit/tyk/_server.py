@@ -28,7 +28,8 @@ from .._config import DEFAULT_CERT_CHAIN_PATH, DEFAULT_PRIVATE_KEY_PATH, merge_e
 from .._context import StreamAbort
 from .._exceptions import CalloutError, ConfigError
 from .._extproc import ErrorPolicy
-from .._server import BaseServer, Invoker
+from .._invoke import Invoker
+from .._server import BaseServer
 from ._call import PluginCall, PluginResponse, check_request_uri
 from ._events import EventHandler, GatewayEvent
 from ._proto import SERVICE_NAME, Event, EventReply, Hook, Object
