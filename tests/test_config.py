@@ -100,3 +100,16 @@ def test_server_thread_count_sizes_the_pool_for_sync_callbacks():
     assert server.config.thread_count == 3
     assert server._pool._size == 3
     assert os.cpu_count()  # the default is derived from it
+
+
+def test_event_loop_is_uvloop_when_installed_unless_asyncio_is_asked_for():
+    pytest.importorskip("uvloop")
+    assert CalloutServer(disable_tls=True).config.event_loop == "uvloop"
+    assert CalloutServer(disable_tls=True, event_loop="asyncio").config.event_loop == "asyncio"
+    server = CalloutServer(disable_tls=True, environ={"CALLOUTKIT_EVENT_LOOP": "asyncio"})
+    assert server.config.event_loop == "asyncio"
+
+
+def test_unknown_event_loop_is_a_one_line_error():
+    with pytest.raises(ConfigError, match="event_loop must be one of auto, uvloop, asyncio"):
+        CalloutServer(disable_tls=True, event_loop="trio")

@@ -186,13 +186,16 @@ def test_run_blocks_and_shutdown_works_from_another_thread():
     assert not runner.is_alive()
 
 
-async def test_sigterm_drains_the_open_stream_then_exits_zero():
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+async def test_sigterm_drains_the_open_stream_then_exits_zero(loop):
     process = spawn([sys.executable, "-m", "calloutkit._cli", "serve",
                      "tests/servers/slow_server.py", "--plaintext_address", "127.0.0.1:0",
-                     "--health_check_address", "127.0.0.1:0", "--disable_tls"],
+                     "--health_check_address", "127.0.0.1:0", "--disable_tls",
+                     "--event_loop", loop],
                     env={"SLOW_SECONDS": "1.5"})
     try:
         line = await asyncio.to_thread(read_until, process, "serving:")
+        assert line.rstrip().endswith(f"({loop} loop)")
         grpc_port = int(line.split("grpc 127.0.0.1:")[1].split(",")[0])
         health_port = int(line.split("health http://127.0.0.1:")[1].split()[0])
         async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:

@@ -9,6 +9,7 @@ TLS material. Every check that can fail happens here, at construction, with a on
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 import os
 from collections.abc import Mapping
@@ -56,7 +57,9 @@ SERVER_OPTIONS: tuple[tuple[str, str, str], ...] = (
     ("max_message_size", "int", "largest gRPC message accepted or sent, in bytes"),
     ("reflection", "bool", "serve gRPC reflection"),
     ("workers", "int", "worker processes sharing the ports (Linux; needs fixed ports)"),
+    ("event_loop", "str", "event loop of run(): auto (uvloop when installed), uvloop, asyncio"),
 )
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 PATH_DEFAULTS = {"cert_chain_path": DEFAULT_CERT_CHAIN_PATH,
                  "private_key_path": DEFAULT_PRIVATE_KEY_PATH}
 _TRUE = {"1", "true", "yes", "on"}
@@ -182,6 +185,7 @@ class ServerConfig:
     max_message_size: int
     reflection: bool
     workers: int = 1
+    event_loop: str = "asyncio"  # resolved: "uvloop" or "asyncio"
 
     @classmethod
     def build(
@@ -208,6 +212,7 @@ class ServerConfig:
         max_message_size: int | None = None,
         reflection: bool | None = None,
         workers: int | None = None,
+        event_loop: str | None = None,
     ) -> ServerConfig:
         """Resolve the documented constructor options into a validated config."""
         ip = default_ip or DEFAULT_IP
@@ -261,7 +266,21 @@ class ServerConfig:
         if max_message_size < 1024:
             raise ConfigError(f"max_message_size must be >= 1024 bytes, got {max_message_size}")
         return cls(secure, plain, health, secure_health_check, chain, key, server_thread_count,
-                   float(grace_period), int(max_message_size), bool(reflection), workers)
+                   float(grace_period), int(max_message_size), bool(reflection), workers,
+                   _event_loop(event_loop))
+
+
+def _event_loop(choice: str | None) -> str:
+    choice = "auto" if choice is None else str(choice).lower()
+    if choice not in EVENT_LOOPS:
+        raise ConfigError(f"event_loop must be one of {', '.join(EVENT_LOOPS)}, got {choice!r}")
+    if choice == "asyncio":
+        return choice
+    installed = importlib.util.find_spec("uvloop") is not None
+    if choice == "uvloop" and not installed:
+        raise ConfigError("event_loop=uvloop but uvloop is not installed: "
+                          "pip install 'calloutkit[fast]'")
+    return "uvloop" if installed else "asyncio"
 
 
 def _listener(address: Any, port: int | None, ip: str, default_port: int,

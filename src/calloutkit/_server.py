@@ -48,6 +48,10 @@ C = TypeVar("C")
 _CONNECTION_AGE_MS = 30_000
 
 
+def _loop_name(loop: asyncio.AbstractEventLoop) -> str:
+    return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
+
+
 class BaseServer(abc.ABC):
     """A gRPC server with truthful health, graceful drain and the documented listener options.
 
@@ -93,6 +97,7 @@ class BaseServer(abc.ABC):
         max_message_size: int | None = None,
         reflection: bool | None = None,
         workers: int | None = None,
+        event_loop: str | None = None,
         environ: Mapping[str, str] | None = None,
     ) -> None:
         options = merge_environment(dict(
@@ -103,7 +108,8 @@ class BaseServer(abc.ABC):
             default_ip=default_ip, cert_chain_path=cert_chain_path,
             private_key_path=private_key_path, server_thread_count=server_thread_count,
             secure_address=secure_address, disable_tls=disable_tls, grace_period=grace_period,
-            max_message_size=max_message_size, reflection=reflection, workers=workers),
+            max_message_size=max_message_size, reflection=reflection, workers=workers,
+            event_loop=event_loop),
             environ)
         if options["reflection"] is None:
             options["reflection"] = self.default_reflection
@@ -267,7 +273,8 @@ class BaseServer(abc.ABC):
         for name in ["", *names]:
             await self._health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._serving = True
-        logger.info("%s serving: %s", type(self).__name__, ", ".join(self._listening()))
+        logger.info("%s serving: %s (%s loop)", type(self).__name__,
+                    ", ".join(self._listening()), _loop_name(asyncio.get_running_loop()))
         if self._shutdown_requested:
             self._begin_stop()
 
@@ -363,17 +370,26 @@ class BaseServer(abc.ABC):
 
         The first signal drains (health goes NOT_SERVING, streams in flight finish within the
         grace period) and `run` returns; a second signal exits the process at once. With
-        ``workers > 1`` this process becomes a supervisor of that many forked workers.
+        ``workers > 1`` this process becomes a supervisor of that many forked workers. The
+        loop is uvloop's when it is installed (``event_loop="auto"``, the default).
         """
         if self.config.workers > 1:
             from ._workers import supervise
 
-            code = supervise(self.config.workers,
-                             lambda: asyncio.run(self._run_with_signals()))
+            code = supervise(self.config.workers, self._run_loop)
             if code:
                 raise SystemExit(code)
             return
-        asyncio.run(self._run_with_signals())
+        self._run_loop()
+
+    def _run_loop(self) -> None:
+        factory = None
+        if self.config.event_loop == "uvloop":
+            import uvloop
+
+            factory = uvloop.new_event_loop
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(self._run_with_signals())
 
     async def _run_with_signals(self) -> None:
         loop = asyncio.get_running_loop()
