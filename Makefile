@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint install clean protos
+.PHONY: demo test lint install clean protos bench
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(BIN)/calloutkit demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests examples
+	$(BIN)/ruff check src tests examples bench
 	$(BIN)/mypy
 
 test: lint
@@ -28,6 +28,14 @@ test: lint
 # Regenerate src/calloutkit/_generated/coprocess from proto/coprocess/*.proto (Tyk plugins).
 protos: $(STAMP)
 	$(BIN)/python -m calloutkit.tyk.codegen
+
+# The side-by-side benchmark suite (bench/run.py; about 15 minutes on 2 cores). Load comes
+# from wrk and h2load, installed from the system's packages when missing.
+bench: $(STAMP)
+	@command -v wrk >/dev/null && command -v h2load >/dev/null || \
+		$$(command -v sudo) apt-get install -y --no-install-recommends wrk nghttp2-client
+	$(BIN)/python -m pip install --quiet matplotlib uvloop
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -1,0 +1,267 @@
+"""calloutkit's benchmark suite: every comparison side by side, in one run.
+
+    make bench                          # the whole suite, about 15 minutes on 2 cores
+    .venv/bin/python bench/run.py --quick --only envoy-headers
+
+Sections (``--only`` takes their names):
+
+- ``envoy-headers``, ``envoy-body``: wrk through a real Envoy: Envoy alone (the ceiling), the
+  bare grpc.aio servicer of `floor.py` (the floor) on the standard loop and on uvloop, and
+  calloutkit with sync (thread pool), sync (``@nonblocking``, inline) and async callbacks, on
+  its default loop, on the standard loop, and with 2 workers.
+- ``grpc-streams``: one-message ext_proc streams from h2load straight at the server.
+- ``grpc-workers``: 1 worker against 2 when each request costs ~1 ms of Python, so that the
+  load generator and gRPC's I/O threads are not what limits (2 cores run everything here).
+- ``grpc-one-stream``: many messages pipelined on one stream.
+- ``tyk-dispatch``: Tyk Dispatch calls/s, the bare floor against calloutkit, and calloutkit
+  behind ``calloutkit proxy``.
+- ``idle-streams``: memory per held-open idle stream; every stream must answer afterwards.
+
+Each round measures every variant of a section once, in an order that rotates from round to
+round. The table shows medians over rounds, and ratios as the median of per-round ratios
+against the section's reference (the floor on the standard loop), so that slow drift of the
+machine cancels out. Results go to ``bench/results/<time>.json`` and, when matplotlib is
+installed, a ``.png`` chart beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+from scenarios import (
+    EnvoySection,
+    IdleSection,
+    Section,
+    Variant,
+    long_stream_section,
+    streams_section,
+    tyk_section,
+    workers_section,
+)
+
+FLOOR = "floor"
+
+ENVOY_VARIANTS = [
+    Variant("envoy alone", None),
+    Variant(FLOOR, "floor", loop="asyncio"),
+    Variant("floor, uvloop", "floor"),
+    Variant("calloutkit sync (pool)", "sync"),
+    Variant("calloutkit sync (inline)", "inline"),
+    Variant("calloutkit async", "async"),
+    Variant("calloutkit async, asyncio loop", "async", loop="asyncio"),
+    Variant("calloutkit async, 2 workers", "async", workers=2),
+]
+
+STREAM_VARIANTS = [
+    Variant(FLOOR, "floor", loop="asyncio"),
+    Variant("floor, read/write API", "floor-readwrite", loop="asyncio"),
+    Variant("floor, uvloop", "floor"),
+    Variant("calloutkit sync (pool)", "sync"),
+    Variant("calloutkit sync (inline)", "inline"),
+    Variant("calloutkit async", "async"),
+    Variant("calloutkit async, asyncio loop", "async", loop="asyncio"),
+    Variant("calloutkit async, 2 workers", "async", workers=2),
+]
+
+ONE_STREAM_VARIANTS = [
+    Variant(FLOOR, "floor", loop="asyncio"),
+    Variant("floor, uvloop", "floor"),
+    Variant("calloutkit sync (pool)", "sync"),
+    Variant("calloutkit sync (inline)", "inline"),
+    Variant("calloutkit async", "async"),
+]
+
+TYK_VARIANTS = [
+    Variant(FLOOR, "floor", loop="asyncio"),
+    Variant("floor, uvloop", "floor"),
+    Variant("calloutkit sync (pool)", "sync"),
+    Variant("calloutkit async", "async"),
+    Variant("calloutkit async via calloutkit proxy", "async", via_proxy=True),
+]
+
+WORKER_VARIANTS = [Variant("calloutkit async, 1 worker", "async"),
+                   Variant("calloutkit async, 2 workers", "async", workers=2)]
+
+IDLE_VARIANTS = [Variant(FLOOR, "floor", loop="asyncio"), Variant("calloutkit async", "async")]
+
+
+def sections(args: argparse.Namespace) -> list[Section]:
+    quick = args.quick
+    seconds = 2 if quick else args.seconds
+    return [
+        EnvoySection("headers", ENVOY_VARIANTS, FLOOR, seconds, args.connections),
+        EnvoySection("body", ENVOY_VARIANTS, FLOOR, seconds, args.connections),
+        streams_section(STREAM_VARIANTS, FLOOR, 1500 if quick else 8000),
+        workers_section(WORKER_VARIANTS, WORKER_VARIANTS[0].label, 640 if quick else 3200),
+        long_stream_section(ONE_STREAM_VARIANTS, FLOOR, 2000 if quick else 20000),
+        tyk_section(TYK_VARIANTS, FLOOR, 1500 if quick else 8000),
+        IdleSection(IDLE_VARIANTS, FLOOR, 1000 if quick else args.idle_streams),
+    ]
+
+
+def run_section(section: Section, rounds: int) -> dict[str, Any]:
+    labels = [v.label for v in section.variants]
+    measured: dict[str, list[dict[str, float]]] = {label: [] for label in labels}
+    print(f"\n## {section.title}", flush=True)
+    section.start()
+    try:
+        for index in range(rounds):
+            shift = index % len(labels)
+            for label in labels[shift:] + labels[:shift]:
+                figures = section.measure(label)
+                measured[label].append(figures)
+                shown = figures.get("rate", figures.get("kb_per_stream", 0.0))
+                print(f"  round {index + 1}/{rounds}  {label:40s} {shown:12,.1f}", flush=True)
+    finally:
+        section.stop()
+    return {"title": section.title, "unit": section.unit, "reference": section.reference,
+            "variants": {label: summarise(measured[label], measured.get(section.reference))
+                         for label in labels}}
+
+
+def summarise(rounds: list[dict[str, float]],
+              reference: list[dict[str, float]] | None) -> dict[str, Any]:
+    median = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
+    out: dict[str, Any] = {"median": median, "rounds": rounds}
+    if reference and "rate" in rounds[0]:
+        rate = [r["rate"] / ref["rate"] for r, ref in zip(rounds, reference, strict=True)]
+        out["rate_ratio"] = statistics.median(rate)
+        out["rate_ratio_range"] = [min(rate), max(rate)]
+        if reference[0].get("cpu_us") and rounds[0].get("cpu_us"):
+            cpu = [r["cpu_us"] / ref["cpu_us"] for r, ref in zip(rounds, reference, strict=True)]
+            out["cpu_ratio"] = statistics.median(cpu)
+    return out
+
+
+# -- the report -----------------------------------------------------------------------------------
+
+def _cell(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def table(result: dict[str, Any]) -> str:
+    lines = []
+    for data in result["sections"].values():
+        lines.append(f"\n{data['title']}  ({data['unit']}; ratios against "
+                     f"'{data['reference']}')")
+        if data["unit"] == "streams":
+            header = ("variant", "held", "answered", "KiB/stream", "RSS held MiB", "open s")
+            rows = [(label, f"{v['median']['held']:,.0f}", f"{v['median']['answered']:,.0f}",
+                     f"{v['median']['kb_per_stream']:.1f}", f"{v['median']['rss_held_mb']:.0f}",
+                     f"{v['median']['open_seconds']:.1f}")
+                    for label, v in data["variants"].items()]
+        else:
+            header = ("variant", data["unit"], "x ref", "(range)", "p50 ms", "p99 ms",
+                      "p99.9 ms", "CPU us/op", "x ref", "peak RSS MiB")
+            rows = []
+            for label, v in data["variants"].items():
+                m = v["median"]
+                low, high = v.get("rate_ratio_range", [None, None])
+                rows.append((label, f"{m['rate']:,.0f}", _cell(v.get("rate_ratio"), ".2f"),
+                             f"{low:.2f}-{high:.2f}" if low is not None else "-",
+                             _cell(m.get("p50_ms"), ".2f"), _cell(m.get("p99_ms"), ".2f"),
+                             _cell(m.get("p999_ms"), ".2f"),
+                             _cell(m.get("cpu_us") or None, ",.0f"),
+                             _cell(v.get("cpu_ratio"), ".2f"),
+                             _cell(m.get("peak_rss_mb") or None, ".0f")))
+        widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+        for row in [header, tuple("-" * w for w in widths), *rows]:
+            lines.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)))
+    return "\n".join(lines)
+
+
+def chart(result: dict[str, Any], path: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rated = [d for d in result["sections"].values() if d["unit"] != "streams"]
+    fig, axes = plt.subplots(len(rated), 1, figsize=(9, 2.2 + 1.9 * len(rated)), squeeze=False)
+    for ax, data in zip(axes[:, 0], rated, strict=True):
+        labels = [label for label, v in data["variants"].items() if "rate_ratio" in v]
+        ratios = [data["variants"][label]["rate_ratio"] for label in labels]
+        colors = ["#4c72b0" if label.startswith("calloutkit") else "#999999"
+                  for label in labels]
+        ax.barh(labels[::-1], ratios[::-1], color=colors[::-1])
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.set_title(data["title"], fontsize=9)
+        ax.tick_params(labelsize=8)
+        for y, ratio in enumerate(ratios[::-1]):
+            ax.text(ratio, y, f" {ratio:.2f}", va="center", fontsize=7)
+    axes[-1, 0].set_xlabel(f"throughput relative to '{FLOOR}' (median of per-round ratios)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def machine() -> dict[str, Any]:
+    import grpc
+
+    from calloutkit._envoy import find_envoy
+
+    envoy = subprocess.run([find_envoy(), "--version"], capture_output=True, text=True).stdout
+    return {"cpus": os.cpu_count(), "machine": platform.machine(),
+            "processor": _cpu_model(), "python": platform.python_version(),
+            "grpcio": grpc.__version__, "envoy": envoy.strip().split("/")[2:3],
+            "kernel": platform.release()}
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds (default 4)")
+    parser.add_argument("--seconds", type=int, default=5, help="seconds per wrk run")
+    parser.add_argument("--connections", type=int, default=32, help="wrk connections")
+    parser.add_argument("--idle-streams", type=int, default=10_000)
+    parser.add_argument("--quick", action="store_true", help="a smoke run: short and 1 round")
+    parser.add_argument("--only", action="append", help="run just this section (repeatable)")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = parser.parse_args()
+    chosen = [s for s in sections(args) if not args.only or s.name in args.only]
+    if not chosen:
+        raise SystemExit(f"--only: no such section; choose from "
+                         f"{', '.join(s.name for s in sections(args))}")
+    rounds = 1 if args.quick else args.rounds
+    started = time.time()
+    result: dict[str, Any] = {
+        "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": machine(), "rounds": rounds, "sections": {}}
+    for section in chosen:
+        result["sections"][section.name] = run_section(
+            section, 1 if isinstance(section, IdleSection) else rounds)
+    result["seconds"] = round(time.time() - started)
+    print(table(result))
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, time.strftime("%Y%m%d-%H%M%S"))
+    with open(stem + ".json", "w") as handle:
+        json.dump(result, handle, indent=1)
+    drawn = chart(result, stem + ".png")
+    print(f"\n{result['machine']['cpus']} CPUs ({result['machine']['processor']}), "
+          f"{rounds} interleaved round(s), {result['seconds']} s. Wrote {stem}.json"
+          + (f" and {stem}.png" if drawn else " (no chart: pip install matplotlib)"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""The benchmark compares like with like: the bare floor servicers and the calloutkit servers of
+``bench/`` answer the same request with the same reply, over real gRPC.
+
+(The suite itself needs wrk, h2load and a quiet machine; it is run by ``make bench``, not here.)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import grpc
+import pytest
+from conftest import REPO, free_port, spawn, stop_process
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+from calloutkit.tyk import Object
+
+BENCH = os.path.join(REPO, "bench")
+sys.path.insert(0, BENCH)
+
+from scenarios import BODY, DISPATCH_PATH, EXT_PROC_PATH, ext_proc_message, tyk_object  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def servers():
+    """Every (impl, work) pair the tests compare, started at once, each on its own port."""
+    pairs = [(impl, work) for work in ("headers", "body")
+             for impl in ("floor", "floor-readwrite", "async", "inline", "sync")]
+    pairs += [("floor", "tyk"), ("async", "tyk")]
+    running = {}
+    for impl, work in pairs:
+        port = free_port()
+        running[impl, work] = (spawn([sys.executable, os.path.join(BENCH, "servers.py"), impl,
+                                      work, str(port)]), port)
+    try:
+        for process, port in running.values():
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                grpc.channel_ready_future(channel).result(timeout=30)
+            assert process.poll() is None
+        yield {pair: port for pair, (_, port) in running.items()}
+    finally:
+        for process, _ in running.values():
+            stop_process(process)
+
+
+def _ext_proc(port: int, messages: list[pb.ProcessingRequest]) -> list[pb.ProcessingResponse]:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = channel.stream_stream(EXT_PROC_PATH,
+                                     request_serializer=pb.ProcessingRequest.SerializeToString,
+                                     response_deserializer=pb.ProcessingResponse.FromString)
+        return list(call(iter(messages), timeout=10))
+
+
+def _dispatch(port: int) -> Object:
+    obj = tyk_object()
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        return channel.unary_unary(DISPATCH_PATH, request_serializer=Object.SerializeToString,
+                                   response_deserializer=Object.FromString)(obj, timeout=10)
+
+
+def _response_messages() -> list[pb.ProcessingRequest]:
+    headers = pb.ProcessingRequest()
+    headers.response_headers.headers.headers.add(key=":status", raw_value=b"200")
+    headers.response_headers.headers.headers.add(key="content-length",
+                                                 raw_value=str(len(BODY)).encode())
+    body = pb.ProcessingRequest()
+    body.response_body.body = BODY
+    body.response_body.end_of_stream = True
+    return [headers, body]
+
+
+@pytest.mark.parametrize("impl", ["floor-readwrite", "async", "inline", "sync"])
+def test_ext_proc_servers_answer_like_the_floor(servers, impl):
+    cases = {"headers": [ext_proc_message(1), _response_messages()[0]],
+             "body": _response_messages()}
+    for work, messages in cases.items():
+        expected = _ext_proc(servers["floor", work], messages)
+        assert len(expected) == len(messages)
+        assert _ext_proc(servers[impl, work], messages) == expected
+    assert expected[1].response_body.response.body_mutation.body == BODY.upper()
+
+
+def test_tyk_servers_answer_like_the_floor(servers):
+    expected, got = _dispatch(servers["floor", "tyk"]), _dispatch(servers["async", "tyk"])
+    assert expected.request.set_headers == {"X-Plugin": "floor"}
+    assert got.request.set_headers == {"X-Plugin": "calloutkit"}
+    got.request.set_headers["X-Plugin"] = "floor"
+    assert got == expected
