@@ -31,6 +31,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -214,7 +215,8 @@ def machine() -> dict[str, Any]:
     envoy = subprocess.run([find_envoy(), "--version"], capture_output=True, text=True).stdout
     return {"cpus": os.cpu_count(), "machine": platform.machine(),
             "processor": _cpu_model(), "python": platform.python_version(),
-            "grpcio": grpc.__version__, "envoy": envoy.strip().split("/")[2:3],
+            "grpcio": grpc.__version__,
+            "envoy": (re.findall(r"/(\d+\.\d+\.\d+)/", envoy) or ["?"])[0],
             "kernel": platform.release()}
 
 
