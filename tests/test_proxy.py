@@ -934,7 +934,13 @@ async def test_failing_mirror_does_not_affect_client(proxy: Proxy, backends: Bac
     assert await call.read() is grpc.aio.EOF
     assert await call.code() == Code.OK
     await policy.wait_idle()
-    assert [e.code() for e in errors] == [Code.UNAVAILABLE] * 2  # type: ignore[attr-defined]
+    assert len(errors) == 2
+    for error in errors:
+        # grpc.aio quirk: a write racing the backend's immediate status replaces that status
+        # with INTERNAL "Internal error from Core"; the backend's own code is lost with it.
+        raced = (error.code() == Code.INTERNAL  # type: ignore[attr-defined]
+                 and "Internal error from Core" in str(error))
+        assert raced or error.code() == Code.UNAVAILABLE  # type: ignore[attr-defined]
 
 
 async def test_lagging_mirror_is_cut_off(proxy: Proxy, backends: Backends) -> None:
