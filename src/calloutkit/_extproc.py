@@ -75,6 +75,15 @@ class ErrorPolicy(enum.Enum):
     ABORT = "abort"
 
 
+def parse_error_policy(value: ErrorPolicy | str) -> ErrorPolicy:
+    """The `ErrorPolicy` an ``error_policy`` option names; `ConfigError` if it names none."""
+    try:
+        return ErrorPolicy(value)
+    except ValueError:
+        choices = ", ".join(p.value for p in ErrorPolicy)
+        raise ConfigError(f"error_policy: {value!r} is not one of {choices}") from None
+
+
 _GENERIC_ERROR_BODY = b"internal error in callout\n"
 
 
@@ -106,19 +115,10 @@ class CalloutServer(BaseServer):
     def __init__(self, *args: Any, error_policy: ErrorPolicy | str = ErrorPolicy.FAIL_CLOSED,
                  **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        try:
-            self.error_policy = ErrorPolicy(error_policy)
-        except ValueError:
-            choices = ", ".join(p.value for p in ErrorPolicy)
-            raise ConfigError(f"error_policy: {error_policy!r} is not one of {choices}") from None
-        cls = type(self)
-        self._custom_process = self.invoker(self.process) if (
-            cls.process is not CalloutServer.process) else None
-        self._callbacks: dict[str, Invoker | None] = {}
-        for phase in _PHASES:
-            name = f"on_{phase}"
-            overridden = getattr(cls, name) is not getattr(CalloutServer, name)
-            self._callbacks[phase] = self.invoker(getattr(self, name)) if overridden else None
+        self.error_policy = parse_error_policy(error_policy)
+        self._custom_process = self._overridden("process", CalloutServer)
+        self._callbacks: dict[str, Invoker | None] = {
+            phase: self._overridden(f"on_{phase}", CalloutServer) for phase in _PHASES}
         self._warned_value_only = False
 
     # -- the documented callbacks -----------------------------------------------------------

@@ -26,9 +26,8 @@ from envoy.service.network_ext_proc.v3 import network_external_processor_pb2 as 
 from google.protobuf import json_format, struct_pb2
 
 from ._context import StreamAbort
-from ._exceptions import CalloutError, ConfigError
-from ._extproc import ErrorPolicy
-from ._invoke import Invoker
+from ._exceptions import CalloutError
+from ._extproc import ErrorPolicy, parse_error_policy
 from ._server import BaseServer
 
 logger = logging.getLogger(__name__)
@@ -189,22 +188,12 @@ class NetworkCalloutServer(BaseServer):
     def __init__(self, *args: Any, error_policy: ErrorPolicy | str = ErrorPolicy.FAIL_CLOSED,
                  **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        try:
-            self.error_policy = ErrorPolicy(error_policy)
-        except ValueError:
-            choices = ", ".join(p.value for p in ErrorPolicy)
-            raise ConfigError(f"error_policy: {error_policy!r} is not one of {choices}") from None
-        cls = type(self)
-
-        def hook(name: str) -> Invoker | None:
-            # Callbacks left at their defaults are skipped: no thread-pool hop per chunk.
-            overridden = getattr(cls, name) is not getattr(NetworkCalloutServer, name)
-            return self.invoker(getattr(self, name)) if overridden else None
-
-        self._custom_process = hook("process")
-        self._callbacks = {"read_data": hook("on_read_data"),
-                           "write_data": hook("on_write_data")}
-        self._should_close = hook("should_close_connection")
+        self.error_policy = parse_error_policy(error_policy)
+        base = NetworkCalloutServer
+        self._custom_process = self._overridden("process", base)
+        self._callbacks = {"read_data": self._overridden("on_read_data", base),
+                           "write_data": self._overridden("on_write_data", base)}
+        self._should_close = self._overridden("should_close_connection", base)
 
     # -- the documented callbacks -----------------------------------------------------------
 

@@ -158,6 +158,16 @@ class BaseServer(abc.ABC):
         """Wrap a user callback so it is awaited, run inline, or run in the thread pool."""
         return Invoker(self._pool, func)
 
+    def _overridden(self, name: str, base: type) -> Invoker | None:
+        """The invoker of method ``name`` when this class overrides ``base``'s, else None.
+
+        A callback left at its default is skipped rather than called: no per-message call,
+        and for a ``def`` no thread-pool hop.
+        """
+        if getattr(type(self), name) is getattr(base, name):
+            return None
+        return self.invoker(getattr(self, name))
+
     # -- stream accounting, used by handlers ---------------------------------------------
 
     @property

@@ -27,7 +27,7 @@ from google.protobuf.message import DecodeError
 from .._config import DEFAULT_CERT_CHAIN_PATH, DEFAULT_PRIVATE_KEY_PATH, merge_environment
 from .._context import StreamAbort
 from .._exceptions import CalloutError, ConfigError
-from .._extproc import ErrorPolicy
+from .._extproc import ErrorPolicy, parse_error_policy
 from .._invoke import Invoker
 from .._server import BaseServer
 from ._call import PluginCall, PluginResponse, check_request_uri
@@ -133,11 +133,7 @@ class TykPluginServer(BaseServer):
                  error_policy: ErrorPolicy | str = ErrorPolicy.FAIL_CLOSED,
                  **kwargs: Any) -> None:
         super().__init__(*args, **_plaintext_unless_certificate(args, kwargs))
-        try:
-            self.error_policy = ErrorPolicy(error_policy)
-        except ValueError:
-            choices = ", ".join(p.value for p in ErrorPolicy)
-            raise ConfigError(f"error_policy: {error_policy!r} is not one of {choices}") from None
+        self.error_policy = parse_error_policy(error_policy)
         self._plugins: dict[tuple[Hook | None, str], tuple[Plugin, Invoker]] = {}
         for plugin in [*type(self).plugins, *plugins]:
             if not isinstance(plugin, Plugin):
