@@ -107,6 +107,21 @@ class Child:
         with open(self.log_path, errors="replace") as handle:
             return handle.read()[-3000:]
 
+    def wait_for(self, pattern: str, timeout: float = 30) -> re.Match[str]:
+        """Wait until the output matches ``pattern``; exit with the output if it never does."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with open(self.log_path, errors="replace") as handle:
+                found = re.search(pattern, handle.read())
+            if found:
+                return found
+            if self.popen.poll() is not None:
+                break
+            time.sleep(0.05)
+        output = self.output()
+        self.stop()
+        raise SystemExit(f"{self.popen.args} did not print {pattern!r}:\n{output}")
+
     def stop(self) -> None:
         if self.popen.poll() is None:
             os.killpg(self.popen.pid, signal.SIGTERM)
@@ -139,29 +154,17 @@ class Server(Child):
 
 
 class Proxy(Child):
-    """``calloutkit proxy`` in front of one backend port."""
+    """``calloutkit proxy`` started on a free port with the routing file ``routes``."""
 
-    def __init__(self, backend_port: int) -> None:
+    def __init__(self, routes: str) -> None:
         folder = tempfile.mkdtemp(prefix="calloutkit-bench-proxy-")
         config = os.path.join(folder, "routes.yaml")
         with open(config, "w") as handle:
-            handle.write(f"backends:\n  plugins: {{targets: 127.0.0.1:{backend_port}}}\n"
-                         "default: plugins\n")
+            handle.write(routes)
         super().__init__([sys.executable, "-m", "calloutkit._cli", "--log-level", "INFO",
                           "proxy", "--config", config, "--plaintext_address", "127.0.0.1:0",
                           "--disable_tls", "--combined_health_check"], folder)
-        self.port = 0
-        deadline = time.monotonic() + 30
-        while not self.port and time.monotonic() < deadline:
-            found = re.search(r"serving: grpc 127\.0\.0\.1:(\d+)", self.output())
-            if found:
-                self.port = int(found.group(1))
-            elif self.popen.poll() is not None:
-                break
-            time.sleep(0.05)
-        if not self.port:
-            self.stop()
-            raise SystemExit("calloutkit proxy did not start")
+        self.port = int(self.wait_for(r"serving: grpc 127\.0\.0\.1:(\d+)").group(1))
 
 
 # -- wrk ---

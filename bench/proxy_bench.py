@@ -20,10 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +28,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
+from load import Child, Proxy
 
 OPTIONS = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1),
            ("grpc.so_reuseport", 0)]
@@ -61,54 +59,14 @@ async def _serve_backend() -> None:
 
 # -- processes ----------------------------------------------------------------------------------
 
-class Process:
-    """A child process in its own session, with its CPU time readable from /proc."""
-
-    def __init__(self, args: list[str], log: str) -> None:
-        self.log = log
-        with open(log, "wb") as handle:
-            self.popen = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=handle,
-                                          stderr=subprocess.STDOUT, start_new_session=True)
-
-    def wait_for(self, pattern: str, timeout: float = 30) -> re.Match[str]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with open(self.log) as handle:
-                found = re.search(pattern, handle.read())
-            if found:
-                return found
-            if self.popen.poll() is not None:
-                break
-            time.sleep(0.05)
-        with open(self.log) as handle:
-            raise SystemExit(f"{self.popen.args} did not start:\n{handle.read()[-2000:]}")
-
-    def cpu(self) -> float:
-        """Seconds of CPU (user + system) used so far."""
-        with open(f"/proc/{self.popen.pid}/stat") as handle:
-            parts = handle.read().rsplit(")", 1)[1].split()
-        return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            os.killpg(self.popen.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.popen.pid, signal.SIGKILL)
-                self.popen.wait()
-
-
-def start_backend(folder: str, name: str) -> tuple[Process, int]:
-    process = Process([sys.executable, __file__, "--serve-backend"],
-                      os.path.join(folder, f"{name}.log"))
+def start_backend(name: str) -> tuple[Child, int]:
+    process = Child([sys.executable, __file__, "--serve-backend"],
+                    tempfile.mkdtemp(prefix=f"calloutkit-bench-{name}-"))
     return process, int(process.wait_for(r"PORT (\d+)").group(1))
 
 
-def start_proxy(folder: str, backend: int, mirror: int) -> tuple[Process, int]:
-    config = os.path.join(folder, "routes.yaml")
-    with open(config, "w") as handle:
-        handle.write(f"""\
+def start_proxy(backend: int, mirror: int) -> tuple[Proxy, int]:
+    proxy = Proxy(f"""\
 unary_methods: [/bench.Echo/Unary]
 backends:
   echo: {{targets: 127.0.0.1:{backend}}}
@@ -119,10 +77,7 @@ routes:
     mirrors: [shadow]
 default: echo
 """)
-    process = Process([sys.executable, "-m", "calloutkit._cli", "--log-level", "INFO", "proxy",
-                       "--config", config, "--plaintext_address", "127.0.0.1:0", "--disable_tls",
-                       "--combined_health_check"], os.path.join(folder, "proxy.log"))
-    return process, int(process.wait_for(r"serving: grpc 127\.0\.0\.1:(\d+)").group(1))
+    return proxy, proxy.port
 
 
 # -- scenarios ------------------------------------------------------------------------------------
@@ -170,10 +125,9 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 async def run(args: argparse.Namespace) -> None:
-    folder = tempfile.mkdtemp(prefix="calloutkit-bench-")
-    backend, backend_port = start_backend(folder, "backend")
-    shadow, shadow_port = start_backend(folder, "shadow")
-    proxy, proxy_port = start_proxy(folder, backend_port, shadow_port)
+    backend, backend_port = start_backend("backend")
+    shadow, shadow_port = start_backend("shadow")
+    proxy, proxy_port = start_proxy(backend_port, shadow_port)
     direct_ch = grpc.aio.insecure_channel(f"127.0.0.1:{backend_port}", options=OPTIONS)
     proxy_ch = grpc.aio.insecure_channel(f"127.0.0.1:{proxy_port}", options=OPTIONS)
     mirror_md = [("x-mirror", "1")]
@@ -207,11 +161,11 @@ async def run(args: argparse.Namespace) -> None:
             for round_index in range(args.rounds):
                 shift = round_index % len(paths)
                 for path in paths[shift:] + paths[:shift]:
-                    before = proxy.cpu()
+                    before = proxy.tree.cpu()
                     started = time.perf_counter()
                     measured = await body(path, scale)
                     elapsed = time.perf_counter() - started
-                    cpu[path[0]] += proxy.cpu() - before
+                    cpu[path[0]] += proxy.tree.cpu() - before
                     ops[path[0]] += len(measured)
                     rates[path[0]].append(len(measured) / elapsed)
                     latencies[path[0]].extend(measured)

@@ -80,6 +80,7 @@ class Section:
     name = ""
     unit = ""
     title = ""
+    work = ""  # the WORK argument of servers.py
 
     def __init__(self, variants: list[Variant], reference: str) -> None:
         self.variants = variants
@@ -94,8 +95,6 @@ class Section:
                 target.server = Server(variant.impl, self.work, workers=variant.workers,
                                        loop=variant.loop).ready()
             self.prepare(target)
-
-    work = ""
 
     def prepare(self, target: Target) -> None:
         """Put what the section needs in front of the server, check it, warm it up."""
@@ -258,7 +257,8 @@ class GrpcSection(Section):
     def prepare(self, target: Target) -> None:
         if target.variant.via_proxy:
             assert target.server is not None
-            target.proxy = Proxy(target.server.port)
+            target.proxy = Proxy(f"backends:\n  plugins: {{targets: 127.0.0.1:"
+                                 f"{target.server.port}}}\ndefault: plugins\n")
         if not self.check(target.port):
             raise SystemExit(f"{self.name} / {target.variant.label}: wrong answer")
         self._load(target, max(1, self.streams // 10))  # warm up
