@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import pytest
 from conftest import LOOPBACK
@@ -171,3 +173,56 @@ def test_unknown_error_policy_is_a_config_error():
 
     with pytest.raises(ConfigError, match="error_policy"):
         CalloutServer(error_policy="explode", **LOOPBACK)
+
+
+# -- reply framing and async callbacks on the hot path ---------------------------------------
+
+async def test_a_reply_object_returned_again_is_never_changed_by_a_fix_up():
+    kept = add_body_mutation(body=b"kept body")
+    original = kept.SerializeToString()
+
+    class Cached(CalloutServer):
+        def on_request_body(self, body, context):
+            return kept
+
+    async with client(Cached, request_body_mode="FULL_DUPLEX_STREAMED").stream() as stream:
+        await stream.request_headers(REQUEST)
+        for end in (False, True):
+            reply = await stream.request_body(b"chunk", end_of_stream=end)
+            streamed = reply.request_body.response.body_mutation.streamed_response
+            assert (streamed.body, streamed.end_of_stream) == (b"kept body", end)
+    async with client(Cached, request_body_mode="BUFFERED").stream() as stream:
+        await stream.request_headers(REQUEST)
+        assert header_changes(await stream.request_body(b"hello")) == {"content-length": "9"}
+    assert kept.SerializeToString() == original
+
+
+@pytest.mark.parametrize("size", [0, 100, 127, 128, 16_383, 16_384, 3_000_000])
+async def test_replies_of_every_length_arrive_whole(size):
+    body = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+
+    class Sized(CalloutServer):
+        async def on_response_body(self, http_body, context):
+            return add_body_mutation(body=body)
+
+    async with client(Sized).stream() as stream:
+        reply = await stream.response_body(b"")
+        assert reply.WhichOneof("response") == "response_body"
+        assert reply.response_body.response.body_mutation.body == body
+
+
+async def test_an_async_callback_may_suspend_and_still_answer_or_fail():
+    class Slow(CalloutServer):
+        async def on_request_headers(self, headers, context):
+            await asyncio.sleep(0.01)
+            await asyncio.get_running_loop().run_in_executor(None, lambda: None)
+            return add_header_mutation(add=[("x-slow", "1")])
+
+        async def on_response_headers(self, headers, context):
+            await asyncio.sleep(0)
+            raise ValueError("after suspending")
+
+    async with client(Slow).stream() as stream:
+        assert header_changes(await stream.request_headers(REQUEST)) == {"x-slow": "1"}
+        reply = await stream.response_headers(RESPONSE)
+        assert reply.immediate_response.status.code == 500

@@ -203,9 +203,9 @@ class CalloutStream(InProcessStream):
                 request.protocol_config.CopyFrom(self._config)
         if self._observability:
             request.observability_mode = True
-        response: pb.ProcessingResponse | None = await self._exchange(
-            request, expect_reply=not self._observability)
-        return response
+        response = await self._exchange(request, expect_reply=not self._observability)
+        # The server's stream yields each reply serialized, as it goes on the wire.
+        return None if response is None else pb.ProcessingResponse.FromString(response)
 
     async def request_headers(self, headers: HeaderInput, end_of_stream: bool = False,
                               attributes: Mapping[str, Mapping[str, Any]] | None = None,

@@ -15,7 +15,7 @@ import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from types import CoroutineType
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -38,6 +38,8 @@ _STREAMING = (_Mode.STREAMED, *_DUPLEX)
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
 _HEADERS, _BODY, _TRAILERS = 0, 1, 2
+# What the stream sends: a message, or a reply already framed as its wire bytes (`_frame`).
+_Reply: TypeAlias = "pb.ProcessingResponse | bytes"
 # phase -> (reply type the callback may return, direction: 0 request / 1 response, kind)
 _PHASES: dict[str, tuple[type, int, int]] = {
     "request_headers": (pb.HeadersResponse, 0, _HEADERS),
@@ -85,6 +87,26 @@ def parse_error_policy(value: ErrorPolicy | str) -> ErrorPolicy:
 
 
 _GENERIC_ERROR_BODY = b"internal error in callout\n"
+
+# A ProcessingResponse with one field set is, on the wire, that field's tag, its length and
+# the typed reply itself: replies are framed that way rather than built and copied.
+_TAG = {phase: bytes((pb.ProcessingResponse.DESCRIPTOR.fields_by_name[phase].number << 3 | 2,))
+        for phase in _PHASES}
+_EMPTY_REPLY = {phase: tag + b"\x00" for phase, tag in _TAG.items()}
+_SMALL_LENGTH = [bytes((n,)) for n in range(0x80)]
+
+
+def _frame(tag: bytes, message: Any) -> bytes:
+    data: bytes = message.SerializeToString()
+    size = len(data)
+    if size < 0x80:
+        return tag + _SMALL_LENGTH[size] + data
+    length = bytearray()
+    while size >= 0x80:
+        length.append(size & 0x7F | 0x80)
+        size >>= 7
+    length.append(size)
+    return tag + length + data
 
 
 class CalloutServer(BaseServer):
@@ -159,24 +181,28 @@ class CalloutServer(BaseServer):
         `ProcessingResponse` to send. Returning None sends nothing for that message, which
         Envoy only tolerates in observability mode.
         """
-        return await self._dispatch(callout, context)
+        reply = await self._dispatch(callout, context)
+        # The on_* path frames its replies as wire bytes; a process() override sees messages.
+        return pb.ProcessingResponse.FromString(reply) if isinstance(reply, bytes) else reply
 
     # -- the stream ---------------------------------------------------------------------------
 
     def _handlers(self) -> Sequence[tuple[str, grpc.GenericRpcHandler]]:
-        return [self._bidi_handler(SERVICE_NAME, pb.ProcessingRequest, pb.ProcessingResponse,
-                                   self._stream)]
+        return [self._bidi_handler(SERVICE_NAME, pb.ProcessingRequest, self._stream)]
 
     @functools.cached_property
     def _stream(self) -> Callable[[AsyncIterator[pb.ProcessingRequest], Any],
-                                  AsyncIterator[pb.ProcessingResponse]]:
-        return self._stream_function(self._new_context, self._answer)
+                                  AsyncIterator[_Reply]]:
+        # Left at its default, new_state is not called: the context makes the namespace.
+        custom_state = type(self).new_state is not CalloutServer.new_state
+        return self._stream_function(self._new_context if custom_state else CalloutContext,
+                                     self._answer)
 
     def _new_context(self, grpc_context: Any) -> CalloutContext:
         return CalloutContext(grpc_context, self.new_state())
 
     def _answer(self, request: pb.ProcessingRequest, context: CalloutContext,
-                ) -> pb.ProcessingResponse | Coroutine[Any, Any, Any] | None:
+                ) -> _Reply | Coroutine[Any, Any, Any] | None:
         """The stream's step: the reply itself when it is ready at once (no callback, or an
         inline one), else a coroutine that produces it. Envoy sends one message per phase and
         waits for the reply, so every coroutine frame saved here is saved on every message."""
@@ -195,7 +221,7 @@ class CalloutServer(BaseServer):
         await self._dispatch(request, context)  # Envoy reads no reply in observability mode
 
     async def _run_process(self, request: pb.ProcessingRequest,
-                           context: CalloutContext) -> pb.ProcessingResponse | None:
+                           context: CalloutContext) -> _Reply | None:
         assert self._custom_process is not None
         try:
             response = await self._custom_process(request, context)
@@ -210,14 +236,14 @@ class CalloutServer(BaseServer):
         return None if request.observability_mode else response
 
     async def _dispatch(self, request: pb.ProcessingRequest,
-                        context: CalloutContext) -> pb.ProcessingResponse | None:
+                        context: CalloutContext) -> _Reply | None:
         reply = self._dispatch_now(request, context)
         if reply.__class__ is CoroutineType:
             return await reply  # type: ignore[no-any-return, misc]
         return reply  # type: ignore[return-value]
 
     def _dispatch_now(self, request: pb.ProcessingRequest, context: CalloutContext,
-                      ) -> pb.ProcessingResponse | Coroutine[Any, Any, Any] | None:
+                      ) -> _Reply | Coroutine[Any, Any, Any] | None:
         phase = request.WhichOneof("request")
         if phase is None:
             logger.warning("ProcessingRequest without a phase; ignoring it")
@@ -247,7 +273,7 @@ class CalloutServer(BaseServer):
             return self._callback_failed(phase, request, context)
 
     async def _finish(self, phase: str, pending: Awaitable[Any], request: pb.ProcessingRequest,
-                      context: CalloutContext) -> pb.ProcessingResponse | None:
+                      context: CalloutContext) -> _Reply | None:
         try:
             return self._reply(phase, await pending, request, context)
         except StreamAbort:
@@ -256,12 +282,12 @@ class CalloutServer(BaseServer):
             return self._callback_failed(phase, request, context)
 
     def _callback_failed(self, phase: str, request: pb.ProcessingRequest,
-                         context: CalloutContext) -> pb.ProcessingResponse | None:
+                         context: CalloutContext) -> _Reply | None:
         logger.exception("on_%s failed", phase)
         return self._on_error(phase, request, context)
 
     def _on_error(self, phase: str | None, request: pb.ProcessingRequest,
-                  context: CalloutContext) -> pb.ProcessingResponse | None:
+                  context: CalloutContext) -> _Reply | None:
         if self.error_policy is ErrorPolicy.ABORT or phase is None:
             raise StreamAbort(grpc.StatusCode.INTERNAL, "callout failed")
         if self.error_policy is ErrorPolicy.CONTINUE:
@@ -272,15 +298,21 @@ class CalloutServer(BaseServer):
         return pb.ProcessingResponse(immediate_response=immediate)
 
     def _reply(self, phase: str, result: Any, request: pb.ProcessingRequest,
-               context: CalloutContext) -> pb.ProcessingResponse:
+               context: CalloutContext) -> _Reply:
         expected, direction, kind = _PHASES[phase]
         which: str | None = phase
-        if isinstance(result, expected):
+        if result is None or isinstance(result, expected):
+            if self._sendable_as_is(kind, direction, result, request, phase, context):
+                # The common case: framed straight from the callback's own message, with no
+                # ProcessingResponse built around it and no copy of it.
+                return _EMPTY_REPLY[phase] if result is None else _frame(_TAG[phase], result)
+            # A fix-up depends on this request: made on a copy, so that a reply object the
+            # callback keeps and returns again is never changed by it.
             response = pb.ProcessingResponse()
-            getattr(response, phase).CopyFrom(result)
-        elif result is None:
-            response = pb.ProcessingResponse()
-            getattr(response, phase).SetInParent()
+            if result is None:
+                getattr(response, phase).SetInParent()
+            else:
+                getattr(response, phase).CopyFrom(result)
         elif isinstance(result, pb.ProcessingResponse):
             response = result
             which = response.WhichOneof("response")
@@ -312,6 +344,32 @@ class CalloutServer(BaseServer):
         else:
             _shape_body(common, getattr(request, phase, None), direction, context)
         return response
+
+    def _sendable_as_is(self, kind: int, direction: int, result: Any,
+                        request: pb.ProcessingRequest, phase: str,
+                        context: CalloutContext) -> bool:
+        """True when a typed reply (or None) needs no fix-up that depends on the request.
+
+        The one fix-up that does not, a value-only header copied to raw_value, is made here,
+        in place: it gives the same result however often it is applied.
+        """
+        if result is not None:
+            _fix_value_only((result if kind == _TRAILERS else result.response).header_mutation,
+                            self)
+        if kind == _HEADERS:
+            return direction == 0 or not context._strip_response_length
+        if kind == _TRAILERS:
+            return True
+        mode = context.request_body_mode if direction == 0 else context.response_body_mode
+        if mode in _DUPLEX:
+            return False
+        if result is None or mode not in _BUFFERED:
+            return True
+        mutation = result.response.body_mutation
+        changed: str | None = mutation.WhichOneof("mutation")
+        if changed == "body":
+            return len(mutation.body) == len(getattr(request, phase).body)
+        return changed != "clear_body"
 
     def _apply_override(self, override: Any, common: pb.CommonResponse, direction: int,
                         context: CalloutContext) -> None:

@@ -228,12 +228,11 @@ class NetworkCalloutServer(BaseServer):
     # -- the stream ---------------------------------------------------------------------------
 
     def _handlers(self) -> Sequence[tuple[str, grpc.GenericRpcHandler]]:
-        return [self._bidi_handler(SERVICE_NAME, npb.ProcessingRequest, npb.ProcessingResponse,
-                                   self._stream)]
+        return [self._bidi_handler(SERVICE_NAME, npb.ProcessingRequest, self._stream)]
 
     @functools.cached_property
     def _stream(self) -> Callable[[AsyncIterator[npb.ProcessingRequest], Any],
-                                  AsyncIterator[npb.ProcessingResponse]]:
+                                  AsyncIterator[bytes]]:
         return self._stream_function(self._new_context, self._answer)
 
     def _new_context(self, grpc_context: Any) -> NetworkContext:

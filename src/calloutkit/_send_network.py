@@ -156,8 +156,8 @@ class NetworkCalloutStream(InProcessStream):
         """Send a raw `ProcessingRequest` and return the reply."""
         if not (request.HasField("read_data") or request.HasField("write_data")):
             raise ValueError("a network ProcessingRequest carries read_data or write_data")
-        response: npb.ProcessingResponse = await self._exchange(request)
-        return response
+        # The server's stream yields each reply serialized, as it goes on the wire.
+        return npb.ProcessingResponse.FromString(await self._exchange(request))
 
     async def read(self, data: bytes | str, end_of_stream: bool = False,
                    metadata: Mapping[str, Mapping[str, Any]] | None = None,

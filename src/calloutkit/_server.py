@@ -214,30 +214,33 @@ class BaseServer(abc.ABC):
     async def _refuse(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         await context.abort(grpc.StatusCode.UNAVAILABLE, "server is draining")
 
-    def _bidi_handler(self, service: str, request_type: Any, response_type: Any,
-                      stream: Callable[[AsyncIterator[Any], Any], AsyncIterator[Any]],
+    def _bidi_handler(self, service: str, request_type: Any,
+                      stream: Callable[[AsyncIterator[Any], Any], AsyncIterator[bytes]],
                       ) -> tuple[str, grpc.GenericRpcHandler]:
-        """A generic handler serving ``service/Process`` with the async generator ``stream``."""
+        """A generic handler serving ``service/Process`` with the async generator ``stream``,
+        which yields its replies serialized already."""
         return service, grpc.method_handlers_generic_handler(service, {
             "Process": grpc.stream_stream_rpc_method_handler(
-                stream, request_deserializer=request_type.FromString,
-                response_serializer=response_type.SerializeToString)})
+                stream, request_deserializer=request_type.FromString)})
 
     def _stream_function(self, new_context: Callable[[Any], C],
                          answer: Callable[[Any, C], Any],
-                         ) -> Callable[[AsyncIterator[Any], Any], AsyncIterator[Any]]:
+                         ) -> Callable[[AsyncIterator[Any], Any], AsyncIterator[bytes]]:
         """The handler of a stream-per-request protocol (ext_proc L7 and L4).
 
         One answer per request, with drain accounting: refused while draining, counted while
         open, a reply sent for each answer that is not None; `StreamAbort` ends the stream
-        with its status. ``answer`` returns the reply, None, or a coroutine giving either: a
-        reply that is ready at once costs no coroutine at all. (grpc.aio needs an async
-        generator *function* here, hence the closure rather than a generator method.)
+        with its status. ``answer`` returns the reply (a message, or its wire bytes), None,
+        or a coroutine giving either: a reply that is ready at once costs no coroutine at
+        all. (grpc.aio needs an async generator *function* here, hence the closure rather
+        than a generator method.)
         """
-        async def stream(requests: AsyncIterator[Any], grpc_context: Any) -> AsyncIterator[Any]:
-            if not self._enter_stream():
+        async def stream(requests: AsyncIterator[Any], grpc_context: Any) -> AsyncIterator[bytes]:
+            # _enter_stream and _leave_stream, written out: this runs for every stream.
+            if self._draining:
                 await self._refuse(grpc_context)
                 return
+            self._active_streams += 1
             try:
                 context = new_context(grpc_context)
                 async for request in requests:
@@ -245,7 +248,10 @@ class BaseServer(abc.ABC):
                     if response.__class__ is CoroutineType:
                         response = await response
                     if response is not None:
-                        yield response
+                        # Serialized here rather than by a serializer function that grpc
+                        # would call per message.
+                        yield (response if response.__class__ is bytes
+                               else response.SerializeToString())
             except StreamAbort as abort:
                 await grpc_context.abort(abort.code, abort.details)
             finally:
