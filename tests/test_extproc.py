@@ -135,6 +135,22 @@ async def test_value_only_headers_are_moved_to_raw_value():
         assert header_changes(await stream.request_headers(REQUEST)) == {"x-value": "kept"}
 
 
+async def test_value_only_headers_are_found_among_removals_and_appends():
+    class Mixed(CalloutServer):
+        def on_response_headers(self, headers, context):
+            reply = add_header_mutation(add=[("x-raw", "1")], remove=["server"],
+                                        append_action=1)  # APPEND_IF_EXISTS_OR_ADD
+            option = reply.response.header_mutation.set_headers.add()
+            option.header.key, option.header.value = "x-value", "kept"
+            return reply
+
+    async with client(Mixed).stream() as stream:
+        await stream.request_headers(REQUEST)
+        reply = await stream.response_headers(RESPONSE)
+        assert header_changes(reply) == {"x-raw": "1", "x-value": "kept"}
+        assert header_removals(reply) == ["server"]
+
+
 async def test_state_lives_for_the_whole_stream_and_process_can_be_overridden():
     class Stateful(CalloutServer):
         def new_state(self):

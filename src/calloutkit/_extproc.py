@@ -38,7 +38,7 @@ _STREAMING = (_Mode.STREAMED, *_DUPLEX)
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
 _HEADERS, _BODY, _TRAILERS = 0, 1, 2
-# What the stream sends: a message, or a reply already framed as its wire bytes (`_frame`).
+# A reply on its way to the stream: a message, or already framed as its wire bytes.
 _Reply: TypeAlias = "pb.ProcessingResponse | bytes"
 # phase -> (reply type the callback may return, direction: 0 request / 1 response, kind)
 _PHASES: dict[str, tuple[type, int, int]] = {
@@ -192,7 +192,7 @@ class CalloutServer(BaseServer):
 
     @functools.cached_property
     def _stream(self) -> Callable[[AsyncIterator[pb.ProcessingRequest], Any],
-                                  AsyncIterator[_Reply]]:
+                                  AsyncIterator[bytes]]:
         # Left at its default, new_state is not called: the context makes the namespace.
         custom_state = type(self).new_state is not CalloutServer.new_state
         return self._stream_function(self._new_context if custom_state else CalloutContext,
@@ -421,6 +421,11 @@ def _shape_body(common: pb.CommonResponse, body: pb.HttpBody | None, direction: 
 
 
 def _fix_value_only(mutation: Any, server: CalloutServer) -> None:
+    # Serializing the mutation costs far less than walking its headers from Python, and a
+    # header whose `value` is set puts that field's tag byte (0x12) in those bytes: no 0x12,
+    # nothing to fix. (remove_headers and `append` are tagged 0x12 too; they cost the walk.)
+    if b"\x12" not in mutation.SerializeToString():
+        return
     for option in mutation.set_headers:
         header = option.header
         if header.value and not header.raw_value:
