@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint install clean protos bench
+.PHONY: demo test lint install clean protos bench bench-instructions
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,14 @@ bench: $(STAMP)
 		$$(command -v sudo) apt-get install -y --no-install-recommends wrk nghttp2-client
 	$(BIN)/python -m pip install --quiet matplotlib uvloop
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+# Instructions per one-message stream under valgrind (bench/instructions.py; about 10
+# minutes): the comparison with the floor that machine noise cannot move.
+bench-instructions: $(STAMP)
+	@command -v valgrind >/dev/null && command -v h2load >/dev/null || \
+		$$(command -v sudo) apt-get install -y --no-install-recommends valgrind nghttp2-client
+	$(BIN)/python -m pip install --quiet uvloop
+	$(BIN)/python bench/instructions.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

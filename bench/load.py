@@ -136,15 +136,17 @@ class Child:
 class Server(Child):
     """A process of ``bench/servers.py`` on a free port."""
 
-    def __init__(self, impl: str, work: str, *, workers: int = 1, loop: str = "asyncio") -> None:
+    def __init__(self, impl: str, work: str, *, workers: int = 1, loop: str = "asyncio",
+                 under: tuple[str, ...] = ()) -> None:
+        """``under`` is a command line the server runs under (valgrind, for one)."""
         self.impl, self.work, self.workers = impl, work, workers
         self.port = free_port()
-        super().__init__([sys.executable, os.path.join(HERE, "servers.py"), impl, work,
+        super().__init__([*under, sys.executable, os.path.join(HERE, "servers.py"), impl, work,
                           str(self.port), "--workers", str(workers), "--loop", loop],
                          tempfile.mkdtemp(prefix="calloutkit-bench-"))
 
-    def ready(self) -> Server:
-        wait_for_port(self.port)
+    def ready(self, timeout: float = 30) -> Server:
+        wait_for_port(self.port, timeout)
         if self.workers > 1:  # every worker must have bound before load starts
             deadline = time.monotonic() + 30
             while len(self.tree.pids()) < self.workers + 1 and time.monotonic() < deadline:
