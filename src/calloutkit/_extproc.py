@@ -424,7 +424,8 @@ def _fix_value_only(mutation: Any, server: CalloutServer) -> None:
     # Serializing the mutation costs far less than walking its headers from Python, and a
     # header whose `value` is set puts that field's tag byte (0x12) in those bytes: no 0x12,
     # nothing to fix. (remove_headers and `append` are tagged 0x12 too; they cost the walk.)
-    if b"\x12" not in mutation.SerializeToString():
+    # An int needle: a bytes one makes `in` raise and clear a TypeError internally first.
+    if 0x12 not in mutation.SerializeToString():
         return
     for option in mutation.set_headers:
         header = option.header
