@@ -77,8 +77,24 @@ def _text(data: bytes) -> str:
         return ""
 
 
+class _HeaderLookup:
+    """Case-insensitive lookups in ``headers``, a list of (name, value) pairs."""
+
+    headers: list[tuple[str, str]]
+
+    def header(self, name: str, default: str | None = None) -> str | None:
+        """The first value of a header (case-insensitive)."""
+        values = self.header_values(name)
+        return values[0] if values else default
+
+    def header_values(self, name: str) -> list[str]:
+        """Every value of a header, in order (case-insensitive)."""
+        lowered = name.lower()
+        return [v for k, v in self.headers if k.lower() == lowered]
+
+
 @dataclasses.dataclass
-class HttpRequest:
+class HttpRequest(_HeaderLookup):
     """An HTTP request as the gateway holds it: ``url`` is path and query, listen path
     included. After a hook, the request the chain goes on with (what the upstream gets)."""
 
@@ -88,15 +104,6 @@ class HttpRequest:
     body: bytes = b""
     scheme: str = "http"
     host: str = "localhost:8080"
-
-    def header(self, name: str, default: str | None = None) -> str | None:
-        """The first value of a header (case-insensitive)."""
-        values = self.header_values(name)
-        return values[0] if values else default
-
-    def header_values(self, name: str) -> list[str]:
-        lowered = name.lower()
-        return [v for k, v in self.headers if k.lower() == lowered]
 
     @property
     def path(self) -> str:
@@ -108,20 +115,12 @@ class HttpRequest:
 
 
 @dataclasses.dataclass
-class HttpResponse:
+class HttpResponse(_HeaderLookup):
     """An HTTP response: what the upstream sent, or what the client gets."""
 
     status: int = 200
     headers: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     body: bytes = b""
-
-    def header(self, name: str, default: str | None = None) -> str | None:
-        values = self.header_values(name)
-        return values[0] if values else default
-
-    def header_values(self, name: str) -> list[str]:
-        lowered = name.lower()
-        return [v for k, v in self.headers if k.lower() == lowered]
 
     def json(self) -> Any:
         return json.loads(self.body)
