@@ -33,7 +33,7 @@ import difflib
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TextIO
 
 import grpc
@@ -408,11 +408,16 @@ def run_send(args: argparse.Namespace) -> int:
     text, source = read_source(args.file)
     description = parse_stream(text, source)
     target = format_address(parse_address(args.address, "--address"))
+    return run_printing(send_stream(
+        target, description, out=sys.stdout, err=sys.stderr, tls=args.tls, ca=args.ca,
+        authority=args.authority, metadata=args.metadata, timeout=args.timeout,
+        proto_json=args.proto_json, indent=2 if args.pretty else None))
+
+
+def run_printing(sending: Coroutine[Any, Any, int]) -> int:
+    """Run a ``send`` coroutine that prints to stdout; a closed stdout ends it with 0."""
     try:
-        return asyncio.run(send_stream(
-            target, description, out=sys.stdout, err=sys.stderr, tls=args.tls, ca=args.ca,
-            authority=args.authority, metadata=args.metadata, timeout=args.timeout,
-            proto_json=args.proto_json, indent=2 if args.pretty else None))
+        return asyncio.run(sending)
     except BrokenPipeError:  # `calloutkit send ... | head`: the reader has had enough
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

@@ -24,10 +24,8 @@ the dynamic metadata Envoy forwards)::
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
 import json
-import os
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
@@ -45,6 +43,7 @@ from ._send import (
     load_document,
     play,
     read_source,
+    run_printing,
 )
 
 _METHOD = f"/{SERVICE_NAME}/Process"
@@ -223,12 +222,8 @@ def run_network_send(args: argparse.Namespace) -> int:
     text, source = read_source(args.file)
     requests = parse_chunks(text, source)
     target = format_address(parse_address(args.address, "--address"))
-    try:
-        return asyncio.run(send_chunks(
-            target, requests, out=sys.stdout, err=sys.stderr, tls=args.tls, ca=args.ca,
-            authority=args.authority, metadata=args.metadata, timeout=args.timeout,
-            proto_json=getattr(args, "proto_json", False),
-            indent=2 if getattr(args, "pretty", False) else None))
-    except BrokenPipeError:  # `calloutkit send --l4 ... | head`: the reader has had enough
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+    return run_printing(send_chunks(
+        target, requests, out=sys.stdout, err=sys.stderr, tls=args.tls, ca=args.ca,
+        authority=args.authority, metadata=args.metadata, timeout=args.timeout,
+        proto_json=getattr(args, "proto_json", False),
+        indent=2 if getattr(args, "pretty", False) else None))
