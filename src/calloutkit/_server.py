@@ -236,11 +236,9 @@ class BaseServer(abc.ABC):
         than a generator method.)
         """
         async def stream(requests: AsyncIterator[Any], grpc_context: Any) -> AsyncIterator[bytes]:
-            # _enter_stream and _leave_stream, written out: this runs for every stream.
-            if self._draining:
+            if not self._enter_stream():
                 await self._refuse(grpc_context)
                 return
-            self._active_streams += 1
             try:
                 context = new_context(grpc_context)
                 async for request in requests:
