@@ -361,15 +361,9 @@ class CalloutServer(BaseServer):
         if kind == _TRAILERS:
             return True
         mode = context.request_body_mode if direction == 0 else context.response_body_mode
-        if mode in _DUPLEX:
-            return False
-        if result is None or mode not in _BUFFERED:
-            return True
-        mutation = result.response.body_mutation
-        changed: str | None = mutation.WhichOneof("mutation")
-        if changed == "body":
-            return len(mutation.body) == len(getattr(request, phase).body)
-        return changed != "clear_body"
+        if result is None:
+            return mode not in _DUPLEX  # FULL_DUPLEX_STREAMED echoes the chunk back
+        return _body_kept(result.response.body_mutation, getattr(request, phase), mode)
 
     def _apply_override(self, override: Any, common: pb.CommonResponse, direction: int,
                         context: CalloutContext) -> None:
@@ -393,25 +387,38 @@ def _has_content_length(headers: pb.HttpHeaders | None) -> bool:
         h.key == "content-length" for h in headers.headers.headers)
 
 
+def _body_kept(mutation: pb.BodyMutation, body: pb.HttpBody | None, mode: int) -> bool:
+    """True when `_shape_body` would leave this body mutation as it is (nothing changed)."""
+    if mode in _DUPLEX:
+        return mutation.WhichOneof("mutation") == "streamed_response"  # type: ignore[no-any-return]
+    if mode not in _BUFFERED:
+        return True
+    kind = mutation.WhichOneof("mutation")
+    if kind == "body":
+        length = len(mutation.body)
+    elif kind == "clear_body":
+        length = 0
+    else:
+        return True
+    return body is not None and length == len(body.body)
+
+
 def _shape_body(common: pb.CommonResponse, body: pb.HttpBody | None, direction: int,
                 context: CalloutContext) -> None:
     mode = context.request_body_mode if direction == 0 else context.response_body_mode
     mutation = common.body_mutation
+    if _body_kept(mutation, body, mode):
+        return
     kind = mutation.WhichOneof("mutation")
     if mode in _DUPLEX:
         # FULL_DUPLEX_STREAMED only accepts streamed_response; Envoy forwards nothing else.
-        if kind == "streamed_response":
-            return
         data = mutation.body if kind == "body" else (
             b"" if kind == "clear_body" else (body.body if body is not None else b""))
         mutation.streamed_response.body = data
         mutation.streamed_response.end_of_stream = bool(body is not None and body.end_of_stream)
         return
-    if mode not in _BUFFERED or kind not in ("body", "clear_body"):
-        return
+    # BUFFERED, and the body's length changed: content-length must follow it.
     length = len(mutation.body) if kind == "body" else 0
-    if body is not None and length == len(body.body):
-        return
     headers = context.request_headers if direction == 0 else context.response_headers
     if _has_content_length(headers) and not any(
             o.header.key.lower() == "content-length" for o in common.header_mutation.set_headers):
