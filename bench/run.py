@@ -18,9 +18,10 @@ Sections (``--only`` takes their names):
 - ``idle-streams``: memory per held-open idle stream; every stream must answer afterwards.
 
 Each round measures every variant of a section once, in an order that rotates from round to
-round. The table shows medians over rounds, and ratios as the median of per-round ratios
-against the section's reference (the floor on the standard loop), so that slow drift of the
-machine cancels out. Results go to ``bench/results/<time>.json`` and, when matplotlib is
+round, and the section's reference (the floor on the standard loop) before and after each
+of them. The table shows medians over rounds, and ratios as the median of each measurement
+against the mean of the two reference measurements around it, so that the machine's drift
+cancels out. Results go to ``bench/results/<time>.json`` and, when matplotlib is
 installed, a ``.png`` chart beside it.
 """
 
@@ -40,6 +41,7 @@ from typing import Any
 
 from scenarios import (
     EnvoySection,
+    Figures,
     IdleSection,
     Section,
     Variant,
@@ -103,35 +105,70 @@ def sections(args: argparse.Namespace) -> list[Section]:
 
 
 def run_section(section: Section, rounds: int) -> dict[str, Any]:
+    """Measure every variant ``rounds`` times, each measurement between two of the reference.
+
+    A round runs ``ref, A, ref, B, ref, ...``, the order of A, B, ... rotating from round to
+    round. A variant's ratio is taken against the mean of the reference just before it and
+    just after it: seconds apart rather than a whole round apart, and a drift of the machine
+    that is steady over that span cancels exactly. (The idle-streams section measures memory,
+    which does not drift: it runs its variants once each.)
+    """
     labels = [v.label for v in section.variants]
-    measured: dict[str, list[dict[str, float]]] = {label: [] for label in labels}
+    reference = section.reference
+    others = [label for label in labels if label != reference]
+    measured: dict[str, list[Figures]] = {label: [] for label in labels}
+    against: dict[str, list[Figures]] = {label: [] for label in others}
     print(f"\n## {section.title}", flush=True)
+
+    def measure(label: str, index: int) -> Figures:
+        figures = section.measure(label)
+        measured[label].append(figures)
+        shown = figures.get("rate", figures.get("kb_per_stream", 0.0))
+        print(f"  round {index + 1}/{rounds}  {label:40s} {shown:12,.1f}", flush=True)
+        return figures
+
     section.start()
     try:
         for index in range(rounds):
-            shift = index % len(labels)
-            for label in labels[shift:] + labels[:shift]:
-                figures = section.measure(label)
-                measured[label].append(figures)
-                shown = figures.get("rate", figures.get("kb_per_stream", 0.0))
-                print(f"  round {index + 1}/{rounds}  {label:40s} {shown:12,.1f}", flush=True)
+            shift = index % max(1, len(others))
+            order = others[shift:] + others[:shift]
+            if not section.paired:
+                for label in [reference, *order]:
+                    measure(label, index)
+                continue
+            before = measure(reference, index)
+            for label in order:
+                measure(label, index)
+                after = measure(reference, index)
+                against[label].append(_mean(before, after))
+                before = after
     finally:
         section.stop()
-    return {"title": section.title, "unit": section.unit, "reference": section.reference,
-            "variants": {label: summarise(measured[label], measured.get(section.reference))
+    return {"title": section.title, "unit": section.unit, "reference": reference,
+            "variants": {label: summarise(measured[label], against.get(label))
                          for label in labels}}
 
 
-def summarise(rounds: list[dict[str, float]],
-              reference: list[dict[str, float]] | None) -> dict[str, Any]:
+def _mean(a: Figures, b: Figures) -> Figures:
+    return {key: (a[key] + b[key]) / 2 for key in ("rate", "cpu_us") if key in a}
+
+
+def summarise(rounds: list[Figures], against: list[Figures] | None) -> dict[str, Any]:
+    """Medians of a variant's figures and, given the reference measured around each of its
+    measurements, the median and range of its ratios to that reference."""
     median = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
     out: dict[str, Any] = {"median": median, "rounds": rounds}
-    if reference and "rate" in rounds[0]:
-        rate = [r["rate"] / ref["rate"] for r, ref in zip(rounds, reference, strict=True)]
+    if against is None and "rate" in rounds[0]:  # the reference itself
+        out["rate_ratio"], out["rate_ratio_range"] = 1.0, [1.0, 1.0]
+        if rounds[0].get("cpu_us"):
+            out["cpu_ratio"] = 1.0
+    elif against and "rate" in rounds[0]:
+        out["against"] = against
+        rate = [r["rate"] / ref["rate"] for r, ref in zip(rounds, against, strict=True)]
         out["rate_ratio"] = statistics.median(rate)
         out["rate_ratio_range"] = [min(rate), max(rate)]
-        if reference[0].get("cpu_us") and rounds[0].get("cpu_us"):
-            cpu = [r["cpu_us"] / ref["cpu_us"] for r, ref in zip(rounds, reference, strict=True)]
+        if against[0].get("cpu_us") and rounds[0].get("cpu_us"):
+            cpu = [r["cpu_us"] / ref["cpu_us"] for r, ref in zip(rounds, against, strict=True)]
             out["cpu_ratio"] = statistics.median(cpu)
     return out
 

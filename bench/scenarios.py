@@ -81,6 +81,7 @@ class Section:
     unit = ""
     title = ""
     work = ""  # the WORK argument of servers.py
+    paired = True  # measure the reference around every measurement (see run.run_section)
 
     def __init__(self, variants: list[Variant], reference: str) -> None:
         self.variants = variants
@@ -320,6 +321,7 @@ class IdleSection(Section):
     name = "idle-streams"
     unit = "streams"
     work = "headers"
+    paired = False  # memory does not drift with the machine's speed
 
     def __init__(self, variants: list[Variant], reference: str, streams: int) -> None:
         super().__init__(variants, reference)

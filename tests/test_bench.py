@@ -87,3 +87,42 @@ def test_tyk_servers_answer_like_the_floor(servers):
     assert got.request.set_headers == {"X-Plugin": "calloutkit"}
     got.request.set_headers["X-Plugin"] = "floor"
     assert got == expected
+
+
+class _DriftingSection:
+    """A section whose machine slows steadily: each measurement is 5% slower than the last.
+    Variant "b" does 0.9 x the reference's work per second, "c" 1.1 x."""
+
+    title, unit, reference, paired = "drift", "req/s", "ref", True
+    speed = {"ref": 1.0, "b": 0.9, "c": 1.1}
+
+    def __init__(self) -> None:
+        self.variants = [type("V", (), {"label": label}) for label in self.speed]
+        self.clock = 0
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def measure(self, label: str) -> dict[str, float]:
+        self.clock += 1
+        machine = 1.0 - 0.05 * self.clock
+        return {"rate": 1000 * self.speed[label] * machine,
+                "cpu_us": 100 / self.speed[label] / machine}
+
+
+def test_ratios_are_taken_against_the_reference_measured_around_them():
+    import run
+
+    result = run.run_section(_DriftingSection(), rounds=3)
+    variants = result["variants"]
+    # Steady drift cancels exactly against the mean of the reference either side.
+    assert variants["b"]["rate_ratio"] == pytest.approx(0.9)
+    assert variants["c"]["rate_ratio"] == pytest.approx(1.1)
+    assert variants["c"]["rate_ratio_range"] == pytest.approx([1.1, 1.1])
+    assert variants["ref"]["rate_ratio"] == 1.0
+    # Every variant measured once a round, the reference before and after each of them.
+    assert [len(v["rounds"]) for v in variants.values()] == [9, 3, 3]
+    assert variants["b"]["cpu_ratio"] == pytest.approx(1 / 0.9, rel=0.01)
