@@ -13,7 +13,7 @@ import enum
 import functools
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from types import CoroutineType
 from typing import Any, TypeAlias
 
@@ -25,7 +25,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from ._context import CalloutContext, StreamAbort
 from ._exceptions import CalloutError, ConfigError
 from ._invoke import Invoker
-from ._server import BaseServer
+from ._server import BaseServer, Handlers
 
 logger = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ class CalloutServer(BaseServer):
 
     # -- the stream ---------------------------------------------------------------------------
 
-    def _handlers(self) -> Sequence[tuple[str, grpc.GenericRpcHandler]]:
+    def _handlers(self) -> Handlers:
         return [self._bidi_handler(SERVICE_NAME, pb.ProcessingRequest, self._stream)]
 
     @functools.cached_property

@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import logging
 import types
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, NamedTuple, NoReturn, TypeAlias
 
 import grpc
@@ -28,7 +28,7 @@ from google.protobuf import json_format, struct_pb2
 from ._context import StreamAbort
 from ._exceptions import CalloutError
 from ._extproc import ErrorPolicy, parse_error_policy
-from ._server import BaseServer
+from ._server import BaseServer, Handlers
 
 logger = logging.getLogger(__name__)
 
@@ -227,7 +227,7 @@ class NetworkCalloutServer(BaseServer):
 
     # -- the stream ---------------------------------------------------------------------------
 
-    def _handlers(self) -> Sequence[tuple[str, grpc.GenericRpcHandler]]:
+    def _handlers(self) -> Handlers:
         return [self._bidi_handler(SERVICE_NAME, npb.ProcessingRequest, self._stream)]
 
     @functools.cached_property

@@ -48,23 +48,50 @@ C = TypeVar("C")
 _CONNECTION_AGE_MS = 30_000
 
 
-class _GenericHandlersOnly:
-    """Collects what generated ``add_*_to_server`` functions add, as generic handlers only.
+# What a server kind serves, per service name: its methods by name, or a catch-all handler.
+Handlers = Sequence[tuple[str, Mapping[str, grpc.RpcMethodHandler] | grpc.GenericRpcHandler]]
 
-    For every call it accepts, grpc.aio waits on one pending request per registered method
-    as well as the generic one, so each registered method costs every RPC the server
-    serves: health's three alone cost a one-message ext_proc stream about 4% more
-    instructions. Served as generic handlers, health and reflection answer the same.
+
+class _MethodTable(grpc.GenericRpcHandler):  # type: ignore[misc]
+    """The server's one generic handler: every method in one dict, one lookup per call.
+
+    grpc.aio asks each generic handler in turn, a Python call each, and for every call it
+    accepts waits on one pending request per *registered* method as well (health's three
+    alone cost a one-message ext_proc stream about 4% more instructions). Generated
+    ``add_*_to_server`` functions fill this table as if it were the server. A catch-all
+    handler, such as the proxy's, is asked only for methods the table does not have.
     """
 
     def __init__(self) -> None:
-        self.handlers: list[grpc.GenericRpcHandler] = []
+        self._methods: dict[str, grpc.RpcMethodHandler] = {}
+        self._others: list[grpc.GenericRpcHandler] = []
+
+    def add_registered_method_handlers(self, service: str,
+                                       handlers: Mapping[str, grpc.RpcMethodHandler]) -> None:
+        for method, handler in handlers.items():
+            self._methods[f"/{service}/{method}"] = handler
+        # Generated code also adds a generic handler for the methods it registers.
+        self._others = [h for h in self._others if not (
+            isinstance(h, grpc.ServiceRpcHandler) and h.service_name() == service)]
 
     def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
-        self.handlers.extend(handlers)
+        self._others.extend(h for h in handlers if h not in self._others)
 
-    def add_registered_method_handlers(self, service: str, handlers: Any) -> None:
-        pass  # the generic handler added alongside serves the same methods
+    def add(self, service: str,
+            handler: Mapping[str, grpc.RpcMethodHandler] | grpc.GenericRpcHandler) -> None:
+        if isinstance(handler, grpc.GenericRpcHandler):
+            self.add_generic_rpc_handlers((handler,))
+        else:
+            self.add_registered_method_handlers(service, handler)
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails,
+                ) -> grpc.RpcMethodHandler | None:
+        found = self._methods.get(handler_call_details.method)
+        if found is None:
+            for other in self._others:
+                if (found := other.service(handler_call_details)) is not None:
+                    break
+        return found
 
 
 def _loop_name(loop: asyncio.AbstractEventLoop) -> str:
@@ -153,8 +180,9 @@ class BaseServer(abc.ABC):
     # -- what a server kind provides -----------------------------------------------------
 
     @abc.abstractmethod
-    def _handlers(self) -> Sequence[tuple[str, grpc.GenericRpcHandler]]:
-        """Return ``(service full name, generic handler)`` pairs to serve."""
+    def _handlers(self) -> Handlers:
+        """Return ``(service full name, {method name: handler})`` pairs to serve; a generic
+        handler in place of the dict catches every method nothing else serves."""
 
     def _grpc_options(self) -> list[tuple[str, Any]]:
         size, workers = self.config.max_message_size, self.config.workers
@@ -216,12 +244,11 @@ class BaseServer(abc.ABC):
 
     def _bidi_handler(self, service: str, request_type: Any,
                       stream: Callable[[AsyncIterator[Any], Any], AsyncIterator[bytes]],
-                      ) -> tuple[str, grpc.GenericRpcHandler]:
-        """A generic handler serving ``service/Process`` with the async generator ``stream``,
-        which yields its replies serialized already."""
-        return service, grpc.method_handlers_generic_handler(service, {
-            "Process": grpc.stream_stream_rpc_method_handler(
-                stream, request_deserializer=request_type.FromString)})
+                      ) -> tuple[str, Mapping[str, grpc.RpcMethodHandler]]:
+        """``service/Process`` served by the async generator ``stream``, which yields its
+        replies serialized already."""
+        return service, {"Process": grpc.stream_stream_rpc_method_handler(
+            stream, request_deserializer=request_type.FromString)}
 
     def _stream_function(self, new_context: Callable[[Any], C],
                          answer: Callable[[Any, C], Any],
@@ -269,18 +296,18 @@ class BaseServer(abc.ABC):
         server = grpc.aio.server(options=self._grpc_options())
         handlers = list(self._handlers())
         names = [name for name, _ in handlers]
-        own = _GenericHandlersOnly()
+        table = _MethodTable()
         self._health_servicer = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self._health_servicer, own)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health_servicer, table)
         if self.config.reflection:
             from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
             reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
                 reflection.aio.ReflectionServicer(
-                    [*names, health.SERVICE_NAME, reflection.SERVICE_NAME]), own)
-        # Health and reflection first: they answer for the server itself, even in front of
-        # a catch-all handler such as the proxy's.
-        server.add_generic_rpc_handlers((*own.handlers, *(h for _, h in handlers)))
+                    [*names, health.SERVICE_NAME, reflection.SERVICE_NAME]), table)
+        for name, handler in handlers:
+            table.add(name, handler)
+        server.add_generic_rpc_handlers((table,))
         cfg = self.config
         try:
             if cfg.plaintext_address is not None:

@@ -15,14 +15,12 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any
-
-import grpc
 
 from .._config import SERVER_OPTIONS, env_value
 from .._exceptions import ConfigError
-from .._server import BaseServer
+from .._server import BaseServer, Handlers
 from ._backends import Backend
 from ._channels import ChannelPool
 from ._director import Director, StreamParameters
@@ -136,7 +134,7 @@ class ProxyServer(BaseServer):
             result = await result
         return result  # type: ignore[no-any-return]
 
-    def _handlers(self) -> Sequence[tuple[str, grpc.GenericRpcHandler]]:
+    def _handlers(self) -> Handlers:
         # The runtime reports these names SERVING on the proxy's health service, so a gateway
         # that health-checks its service by name (e.g. coprocess.Dispatcher) gets an answer.
         names = _service_names(self.routing) if self.routing is not None else []

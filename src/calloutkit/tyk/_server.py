@@ -29,7 +29,7 @@ from .._context import StreamAbort
 from .._exceptions import CalloutError, ConfigError
 from .._extproc import ErrorPolicy, parse_error_policy
 from .._invoke import Invoker
-from .._server import BaseServer
+from .._server import BaseServer, Handlers
 from ._call import PluginCall, PluginResponse, check_request_uri
 from ._events import EventHandler, GatewayEvent
 from ._proto import SERVICE_NAME, Event, EventReply, Hook, Object
@@ -163,14 +163,13 @@ class TykPluginServer(BaseServer):
 
     # -- gRPC ----------------------------------------------------------------------------
 
-    def _handlers(self) -> Sequence[tuple[str, grpc.GenericRpcHandler]]:
+    def _handlers(self) -> Handlers:
         # No (de)serialisers: the handlers see raw bytes, so a malformed message gets a clear
         # log line, and an Object nobody changed goes back exactly as it came.
-        handler = grpc.method_handlers_generic_handler(SERVICE_NAME, {
+        return [(SERVICE_NAME, {
             "Dispatch": grpc.unary_unary_rpc_method_handler(self._dispatch_rpc),
             "DispatchEvent": grpc.unary_unary_rpc_method_handler(self._event_rpc),
-        })
-        return [(SERVICE_NAME, handler)]
+        })]
 
     async def _dispatch_rpc(self, data: bytes, context: Any) -> bytes:
         if not self._enter_stream():
