@@ -150,7 +150,7 @@ def run_section(section: Section, rounds: int) -> dict[str, Any]:
 
 
 def _mean(a: Figures, b: Figures) -> Figures:
-    return {key: (a[key] + b[key]) / 2 for key in ("rate", "cpu_us") if key in a}
+    return {key: (a[key] + b[key]) / 2 for key in a.keys() & b.keys()}
 
 
 def summarise(rounds: list[Figures], against: list[Figures] | None) -> dict[str, Any]:
@@ -160,8 +160,8 @@ def summarise(rounds: list[Figures], against: list[Figures] | None) -> dict[str,
     out: dict[str, Any] = {"median": median, "rounds": rounds}
     if against is None and "rate" in rounds[0]:  # the reference itself
         out["rate_ratio"], out["rate_ratio_range"] = 1.0, [1.0, 1.0]
-        if rounds[0].get("cpu_us"):
-            out["cpu_ratio"] = 1.0
+        out.update({key: 1.0 for key, figure in (("cpu_ratio", "cpu_us"), ("p99_ratio", "p99_ms"))
+                    if rounds[0].get(figure)})
     elif against and "rate" in rounds[0]:
         out["against"] = against
         rate = [r["rate"] / ref["rate"] for r, ref in zip(rounds, against, strict=True)]
@@ -170,6 +170,9 @@ def summarise(rounds: list[Figures], against: list[Figures] | None) -> dict[str,
         if against[0].get("cpu_us") and rounds[0].get("cpu_us"):
             cpu = [r["cpu_us"] / ref["cpu_us"] for r, ref in zip(rounds, against, strict=True)]
             out["cpu_ratio"] = statistics.median(cpu)
+        if against[0].get("p99_ms") and rounds[0].get("p99_ms"):
+            p99 = [r["p99_ms"] / ref["p99_ms"] for r, ref in zip(rounds, against, strict=True)]
+            out["p99_ratio"] = statistics.median(p99)
     return out
 
 
@@ -191,7 +194,7 @@ def table(result: dict[str, Any]) -> str:
                      f"{v['median']['open_seconds']:.1f}")
                     for label, v in data["variants"].items()]
         else:
-            header = ("variant", data["unit"], "x ref", "(range)", "p50 ms", "p99 ms",
+            header = ("variant", data["unit"], "x ref", "(range)", "p50 ms", "p99 ms", "x ref",
                       "p99.9 ms", "CPU us/op", "x ref", "peak RSS MiB")
             rows = []
             for label, v in data["variants"].items():
@@ -200,7 +203,7 @@ def table(result: dict[str, Any]) -> str:
                 rows.append((label, f"{m['rate']:,.0f}", _cell(v.get("rate_ratio"), ".2f"),
                              f"{low:.2f}-{high:.2f}" if low is not None else "-",
                              _cell(m.get("p50_ms"), ".2f"), _cell(m.get("p99_ms"), ".2f"),
-                             _cell(m.get("p999_ms"), ".2f"),
+                             _cell(v.get("p99_ratio"), ".2f"), _cell(m.get("p999_ms"), ".2f"),
                              _cell(m.get("cpu_us") or None, ",.0f"),
                              _cell(v.get("cpu_ratio"), ".2f"),
                              _cell(m.get("peak_rss_mb") or None, ".0f")))

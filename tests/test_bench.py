@@ -110,7 +110,8 @@ class _DriftingSection:
         self.clock += 1
         machine = 1.0 - 0.05 * self.clock
         return {"rate": 1000 * self.speed[label] * machine,
-                "cpu_us": 100 / self.speed[label] / machine}
+                "cpu_us": 100 / self.speed[label] / machine,
+                "p99_ms": 10 / self.speed[label] * (1 + 0.05 * self.clock)}
 
 
 def test_ratios_are_taken_against_the_reference_measured_around_them():
@@ -126,3 +127,5 @@ def test_ratios_are_taken_against_the_reference_measured_around_them():
     # Every variant measured once a round, the reference before and after each of them.
     assert [len(v["rounds"]) for v in variants.values()] == [9, 3, 3]
     assert variants["b"]["cpu_ratio"] == pytest.approx(1 / 0.9, rel=0.01)
+    assert variants["b"]["p99_ratio"] == pytest.approx(1 / 0.9)
+    assert variants["ref"]["p99_ratio"] == 1.0
