@@ -10,8 +10,12 @@ Sections (``--only`` takes their names):
   calloutkit with sync (thread pool), sync (``@nonblocking``, inline) and async callbacks, on
   its default loop, on the standard loop, and with 2 workers.
 - ``grpc-streams``: one-message ext_proc streams from h2load straight at the server.
-- ``grpc-workers``: 1 worker against 2 when each request costs ~1 ms of Python, so that the
-  load generator and gRPC's I/O threads are not what limits (2 cores run everything here).
+- ``grpc-workers-1ms``, ``grpc-workers-3ms``: 1 worker against 2 when each request costs ~1
+  or ~3 ms of Python, so that the load generator is not what limits (2 cores run
+  everything here: the heavier the callback, the smaller the share of those cores that
+  h2load and each worker's gRPC I/O threads take).
+- ``cpu-ceiling``: that callback's Python alone, without gRPC, in 2 processes against 1: what
+  this machine gives two CPU-bound processes, the ceiling for the workers sections.
 - ``grpc-one-stream``: many messages pipelined on one stream.
 - ``tyk-dispatch``: Tyk Dispatch calls/s, the bare floor against calloutkit, and calloutkit
   behind ``calloutkit proxy``.
@@ -40,6 +44,7 @@ import time
 from typing import Any
 
 from scenarios import (
+    CeilingSection,
     EnvoySection,
     Figures,
     IdleSection,
@@ -87,6 +92,8 @@ TYK_VARIANTS = [
 WORKER_VARIANTS = [Variant("calloutkit async, 1 worker", "async"),
                    Variant("calloutkit async, 2 workers", "async", workers=2)]
 
+CEILING_VARIANTS = [Variant("1 process", None), Variant("2 processes", None, workers=2)]
+
 IDLE_VARIANTS = [Variant(FLOOR, "floor", loop="asyncio"), Variant("calloutkit async", "async")]
 
 
@@ -97,7 +104,9 @@ def sections(args: argparse.Namespace) -> list[Section]:
         EnvoySection("headers", ENVOY_VARIANTS, FLOOR, seconds, args.connections),
         EnvoySection("body", ENVOY_VARIANTS, FLOOR, seconds, args.connections),
         streams_section(STREAM_VARIANTS, FLOOR, 1500 if quick else 8000),
-        workers_section(WORKER_VARIANTS, WORKER_VARIANTS[0].label, 640 if quick else 3200),
+        workers_section(WORKER_VARIANTS, WORKER_VARIANTS[0].label, 640 if quick else 3200, 1),
+        workers_section(WORKER_VARIANTS, WORKER_VARIANTS[0].label, 240 if quick else 1200, 3),
+        CeilingSection(CEILING_VARIANTS, CEILING_VARIANTS[0].label, 1 if quick else 4),
         long_stream_section(ONE_STREAM_VARIANTS, FLOOR, 2000 if quick else 20000),
         tyk_section(TYK_VARIANTS, FLOOR, 1500 if quick else 8000),
         IdleSection(IDLE_VARIANTS, FLOOR, 1000 if quick else args.idle_streams),

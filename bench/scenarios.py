@@ -262,7 +262,7 @@ class GrpcSection(Section):
                                  f"{target.server.port}}}\ndefault: plugins\n")
         if not self.check(target.port):
             raise SystemExit(f"{self.name} / {target.variant.label}: wrong answer")
-        self._load(target, max(1, self.streams // 10))  # warm up
+        self._load(target, max(self.connections, self.streams // 10))  # warm up
 
     def _load(self, target: Target, streams: int) -> Any:
         return h2load(target.port, self.path, self.body, streams=streams,
@@ -288,12 +288,62 @@ def streams_section(variants: list[Variant], reference: str, streams: int) -> Gr
         streams=streams, connections=16, concurrent=4)
 
 
-def workers_section(variants: list[Variant], reference: str, streams: int) -> GrpcSection:
+def workers_section(variants: list[Variant], reference: str, streams: int,
+                    milliseconds: int) -> GrpcSection:
+    """1 worker against 2 on a CPU-bound callback: ``heavy`` (~1 ms) or ``heavier`` (~3 ms)."""
+    work = {1: "heavy", 3: "heavier"}[milliseconds]
     return GrpcSection(
-        "grpc-workers", "ext_proc straight at the server, a callback with ~1 ms of Python "
-        "work: 1 worker against 2, h2load 64 connections x 1 stream", "heavy", variants,
-        reference, body=grpc_frame(ext_proc_message()), path=EXT_PROC_PATH,
-        check=_ext_proc_ok, streams=streams, connections=64, concurrent=1)
+        f"grpc-workers-{milliseconds}ms", f"ext_proc straight at the server, a callback with "
+        f"~{milliseconds} ms of Python work: 1 worker against 2, h2load 64 connections x 1 "
+        "stream", work, variants, reference, body=grpc_frame(ext_proc_message()),
+        path=EXT_PROC_PATH, check=_ext_proc_ok, streams=streams, connections=64, concurrent=1)
+
+
+# Each process imports the work, says so, waits for the word, then repeats the work for a
+# fixed time and prints how often it did: all processes of a measurement start together.
+_SPIN = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from servers import heavy_work
+print("ready", flush=True)
+sys.stdin.readline()
+end, count, cpu = time.monotonic() + float(sys.argv[2]), 0, time.process_time()
+while time.monotonic() < end:
+    heavy_work()
+    count += 1
+print(count, time.process_time() - cpu, flush=True)
+"""
+
+
+class CeilingSection(Section):
+    """The workers' ceiling on this machine: the heavy callback's own Python, without gRPC, in
+    N processes at once (``Variant.workers``), as work done per second."""
+
+    name = "cpu-ceiling"
+    unit = "callbacks/s"
+
+    def __init__(self, variants: list[Variant], reference: str, seconds: float) -> None:
+        super().__init__(variants, reference)
+        self.seconds = seconds
+        self.title = ("the machine's ceiling for workers: the ~1 ms callback's Python alone "
+                      "(no gRPC), N processes at once")
+
+    def measure(self, label: str) -> Figures:
+        processes = self.targets[label].variant.workers
+        spinning = [subprocess.Popen([sys.executable, "-c", _SPIN, HERE, str(self.seconds)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                    for _ in range(processes)]
+        for child in spinning:
+            assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+        for child in spinning:
+            assert child.stdin is not None
+            child.stdin.write("go\n")
+            child.stdin.flush()
+        reports = [child.communicate(timeout=self.seconds + 30)[0].split()
+                   for child in spinning]
+        done = sum(int(count) for count, _ in reports)
+        cpu = sum(float(seconds) for _, seconds in reports)
+        return {"rate": done / self.seconds, "cpu_us": cpu / done * 1e6}
 
 
 def long_stream_section(variants: list[Variant], reference: str,

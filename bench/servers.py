@@ -5,9 +5,9 @@
 IMPL is ``floor`` or ``floor-readwrite`` (the bare grpc.aio servicers of `floor.py`),
 ``async`` (``async def`` callbacks), ``inline`` (``def`` callbacks marked `nonblocking`) or
 ``sync`` (plain ``def`` callbacks, run in the thread pool). WORK is ``headers``, ``body``,
-``tyk`` or ``heavy``; the calloutkit callbacks below do what `floor.py` does, written the
-documented way. ``--loop`` picks the event loop for either side, so that loops can be
-compared like for like.
+``tyk``, ``heavy`` or ``heavier`` (a CPU-bound callback of about 1 or 3 ms: calloutkit only);
+the calloutkit callbacks below do what `floor.py` does, written the documented way.
+``--loop`` picks the event loop for either side, so that loops can be compared like for like.
 """
 
 from __future__ import annotations
@@ -52,15 +52,23 @@ class InlineHeaders(CalloutServer):
         return add_header_mutation(add=[("x-callout-response", "1")])
 
 
+def heavy_work(milliseconds: int = 1) -> int:
+    """About ``milliseconds`` of pure-Python work."""
+    return sum(i * i for i in range(15_000 * milliseconds)) % 997
+
+
 class AsyncHeavy(CalloutServer):
-    """Header mutation after about a millisecond of pure-Python work (a CPU-bound callout)."""
+    """Header mutation after `heavy_work` (a CPU-bound callout)."""
+
+    milliseconds = 1
 
     async def on_request_headers(self, headers: Any, context: Any) -> Any:
-        checksum = sum(i * i for i in range(HEAVY_LOOP)) % 997
+        checksum = heavy_work(self.milliseconds)
         return add_header_mutation(add=[("x-callout-request", "1"), ("x-sum", str(checksum))])
 
 
-HEAVY_LOOP = 15_000
+class AsyncHeavier(AsyncHeavy):
+    milliseconds = 3
 
 
 # -- ext_proc: BUFFERED response body replacement ---------------------------------------------
@@ -98,6 +106,7 @@ TYK_PLUGIN = "AddHeader"
 CALLOUTKIT: dict[tuple[str, str], Any] = {
     ("async", "headers"): AsyncHeaders, ("sync", "headers"): SyncHeaders,
     ("inline", "headers"): InlineHeaders, ("async", "heavy"): AsyncHeavy,
+    ("async", "heavier"): AsyncHeavier,
     ("async", "body"): AsyncBody, ("sync", "body"): SyncBody, ("inline", "body"): InlineBody,
     ("async", "tyk"): lambda **kw: TykPluginServer(
         plugins=[Plugin(TYK_PLUGIN, add_header_async, hook=Hook.PRE)], **kw),
@@ -118,7 +127,7 @@ async def serve_floor(work: str, port: int, style: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("impl", choices=["floor", "floor-readwrite", "async", "inline", "sync"])
-    parser.add_argument("work", choices=["headers", "body", "tyk", "heavy"])
+    parser.add_argument("work", choices=["headers", "body", "tyk", "heavy", "heavier"])
     parser.add_argument("port", type=int)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
