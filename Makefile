@@ -29,7 +29,7 @@ test: lint
 protos: $(STAMP)
 	$(BIN)/python -m calloutkit.tyk.codegen
 
-# The side-by-side benchmark suite (bench/run.py; about 15 minutes on 2 cores). Load comes
+# The side-by-side benchmark suite (bench/run.py; about 20 minutes on 2 cores). Load comes
 # from wrk and h2load, installed from the system's packages when missing.
 bench: $(STAMP)
 	@command -v wrk >/dev/null && command -v h2load >/dev/null || \

@@ -1,6 +1,6 @@
 """calloutkit's benchmark suite: every comparison side by side, in one run.
 
-    make bench                          # the whole suite, about 15 minutes on 2 cores
+    make bench                          # the whole suite, about 20 minutes on 2 cores
     .venv/bin/python bench/run.py --quick --only envoy-headers
 
 Sections (``--only`` takes their names):
@@ -239,11 +239,12 @@ def chart(result: dict[str, Any], path: str) -> bool:
                   for label in labels]
         ax.barh(labels[::-1], ratios[::-1], color=colors[::-1])
         ax.axvline(1.0, color="black", linewidth=0.8)
-        ax.set_title(data["title"], fontsize=9)
+        ax.set_title(data["title"], fontsize=8)
         ax.tick_params(labelsize=8)
         for y, ratio in enumerate(ratios[::-1]):
             ax.text(ratio, y, f" {ratio:.2f}", va="center", fontsize=7)
-    axes[-1, 0].set_xlabel(f"throughput relative to '{FLOOR}' (median of per-round ratios)")
+    axes[-1, 0].set_xlabel("throughput relative to each section's reference (median of ratios "
+                           "to the reference measured around each run)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return True
