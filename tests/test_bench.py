@@ -19,7 +19,14 @@ from calloutkit.tyk import Object
 BENCH = os.path.join(REPO, "bench")
 sys.path.insert(0, BENCH)
 
-from scenarios import BODY, DISPATCH_PATH, EXT_PROC_PATH, ext_proc_message, tyk_object  # noqa: E402
+from scenarios import (  # noqa: E402
+    BODY,
+    DISPATCH_PATH,
+    EXT_PROC_PATH,
+    Variant,
+    ext_proc_message,
+    tyk_object,
+)
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +104,7 @@ class _DriftingSection:
     speed = {"ref": 1.0, "b": 0.9, "c": 1.1}
 
     def __init__(self) -> None:
-        self.variants = [type("V", (), {"label": label}) for label in self.speed]
+        self.variants = [Variant(label, None) for label in self.speed]
         self.clock = 0
 
     def start(self) -> None:
