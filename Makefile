@@ -1,16 +1,22 @@
 # Two entry points: `make demo` (the main job) and `make test` (what CI runs).
 # Everything installs into ./.venv from PyPI; nothing else is needed but Python 3.11+.
+# Every install comes from requirements/*.lock (exact versions with hashes), so a fresh
+# machine gets the same versions every time; `make lock` refreshes the locks.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint install clean protos bench bench-instructions
+.PHONY: demo test lint install clean protos lock bench bench-instructions
 
-$(STAMP): pyproject.toml
+# The build backend comes from the lock too (--no-build-isolation), so installing calloutkit
+# itself fetches nothing unpinned.
+$(STAMP): pyproject.toml requirements/dev.lock
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --require-hashes \
+		-r requirements/dev.lock
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps \
+		--no-build-isolation -e .
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -25,6 +31,16 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/pytest
 
+# Refresh the locks after changing a dependency in pyproject.toml (or to take new releases);
+# tests/test_lock.py fails while pyproject.toml and the lock disagree. Then `make protos` when
+# the locked grpcio-tools moved, and raise the grpcio floor to match (tests/test_lock.py says).
+LOCK := $(BIN)/uv pip compile --quiet --universal --python-version 3.11 --generate-hashes \
+	--custom-compile-command 'make lock'
+lock: $(STAMP)
+	$(LOCK) pyproject.toml requirements/tools.in --extra dev --extra examples --extra fast \
+		-o requirements/dev.lock
+	$(LOCK) requirements/bench.in -c requirements/dev.lock -o requirements/bench.lock
+
 # Regenerate src/calloutkit/_generated/coprocess from proto/coprocess/*.proto (Tyk plugins).
 protos: $(STAMP)
 	$(BIN)/python -m calloutkit.tyk.codegen
@@ -34,7 +50,8 @@ protos: $(STAMP)
 bench: $(STAMP)
 	@command -v wrk >/dev/null && command -v h2load >/dev/null || \
 		$$(command -v sudo) apt-get install -y --no-install-recommends wrk nghttp2-client
-	$(BIN)/python -m pip install --quiet matplotlib uvloop
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --require-hashes \
+		-r requirements/bench.lock
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 # Instructions per one-message stream under valgrind (bench/instructions.py; about 10
@@ -42,7 +59,6 @@ bench: $(STAMP)
 bench-instructions: $(STAMP)
 	@command -v valgrind >/dev/null && command -v h2load >/dev/null || \
 		$$(command -v sudo) apt-get install -y --no-install-recommends valgrind nghttp2-client
-	$(BIN)/python -m pip install --quiet uvloop
 	$(BIN)/python bench/instructions.py $(BENCH_ARGS)
 
 clean:

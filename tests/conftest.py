@@ -26,6 +26,21 @@ LOOPBACK = {"plaintext_address": ("127.0.0.1", 0), "disable_tls": True,
             "combined_health_check": True}
 
 
+def pytest_report_header() -> str:
+    """The versions this run really uses, so a failure can be matched to its environment."""
+    from importlib import metadata
+
+    from lockfile import DEV_LOCK, here
+
+    versions = []
+    for name in sorted(here(DEV_LOCK)):
+        try:
+            versions.append(f"{name}=={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            versions.append(f"{name} (not installed)")
+    return f"installed from {DEV_LOCK.name}: " + ", ".join(versions)
+
+
 def free_port() -> int:
     """A port that was free a moment ago (for processes that must be told a port up front)."""
     with socket.socket() as sock:

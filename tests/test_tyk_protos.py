@@ -175,3 +175,14 @@ def test_grpc_module_offers_the_classic_stub_and_servicer() -> None:
     from calloutkit._generated.coprocess import coprocess_object_pb2_grpc as module
 
     assert hasattr(module, "DispatcherStub") and hasattr(module, "DispatcherServicer")
+
+
+def test_the_grpcio_floor_covers_the_generated_code() -> None:
+    """The generated stubs refuse to import on a grpcio older than the generator that made them."""
+    stubs = (codegen.OUT_DIR / "coprocess_object_pb2_grpc.py").read_text()
+    generated = re.search(r"GRPC_GENERATED_VERSION = '(\d+)\.(\d+)\.(\d+)'", stubs)
+    floor = re.search(r'"grpcio>=(\d+)\.(\d+)(?:\.(\d+))?"', (ROOT / "pyproject.toml").read_text())
+    assert generated and floor
+    wanted = tuple(int(x) for x in generated.groups())
+    declared = tuple(int(x or 0) for x in floor.groups())
+    assert declared >= wanted, f"generated code needs grpcio>={wanted}; pyproject says {declared}"
