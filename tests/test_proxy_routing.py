@@ -588,6 +588,22 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
     assert done.returncode == 2 and "--config ROUTES.YAML is required" in done.stderr
 
 
+def test_the_errors_docs_proxy_md_shows_are_the_ones_printed(tmp_path: Path) -> None:
+    """docs/proxy.md's broken routes.yaml, fixed one error at a time, prints its lines exactly."""
+    page = (Path(__file__).resolve().parents[1] / "docs" / "proxy.md").read_text()
+    section = page[page.index("before anything starts."):]
+    broken = re.search(r"```yaml\n# routes.yaml\n(.*?)```", section, re.S)
+    printed = re.search(r"```\n(calloutkit: error:.*?)```", section, re.S)
+    assert broken and printed
+    texts = [broken.group(1)]
+    texts.append(texts[-1].replace("routez: []\n", ""))
+    texts.append(texts[-1].replace("backend: team-c", "backend: team-b"))
+    for text, line in zip(texts, printed.group(1).splitlines(), strict=True):
+        (tmp_path / "routes.yaml").write_text("# routes.yaml\n" + text)
+        done = _cli("proxy", "--config", "routes.yaml", "--check", cwd=tmp_path)
+        assert (done.returncode, done.stderr) == (2, line + "\n")
+
+
 async def test_cli_serves_and_reloads_on_sighup(echo: Any, tmp_path: Path) -> None:
     a, b = await backends(echo, "a", "b")
     path = tmp_path / "routes.yaml"
