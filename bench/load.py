@@ -163,7 +163,7 @@ class Proxy(Child):
         config = os.path.join(folder, "routes.yaml")
         with open(config, "w") as handle:
             handle.write(routes)
-        super().__init__([sys.executable, "-m", "calloutkit._cli", "--log-level", "INFO",
+        super().__init__([sys.executable, "-m", "calloutkit", "--log-level", "INFO",
                           "proxy", "--config", config, "--plaintext_address", "127.0.0.1:0",
                           "--disable_tls", "--combined_health_check"], folder)
         self.port = int(self.wait_for(r"serving: grpc 127\.0\.0\.1:(\d+)").group(1))

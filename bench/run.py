@@ -253,7 +253,7 @@ def chart(result: dict[str, Any], path: str) -> bool:
 def machine() -> dict[str, Any]:
     import grpc
 
-    from calloutkit._envoy import find_envoy
+    from calloutkit.testing._envoy import find_envoy
 
     envoy = subprocess.run([find_envoy(), "--version"], capture_output=True, text=True).stdout
     return {"cpus": os.cpu_count(), "machine": platform.machine(),

@@ -21,7 +21,7 @@ import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from load import HERE, Proxy, Server, Tree, grpc_frame, h2load, wrk
 
-from calloutkit._envoy import Envoy, envoy_config
+from calloutkit.testing._envoy import Envoy, envoy_config
 from calloutkit.tyk.testing import HttpRequest, request_object
 
 BODY_SIZE = 16 * 1024

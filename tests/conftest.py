@@ -110,7 +110,7 @@ async def running(server: BaseServer, grace: float = 1.0) -> AsyncIterator[BaseS
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60,
             cwd: str | None = None) -> subprocess.CompletedProcess[str]:
     """Run ``calloutkit ARGS`` to completion (for commands that exit by themselves)."""
-    return subprocess.run([sys.executable, "-m", "calloutkit._cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "calloutkit", *args], capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, **(env or {})},
                           cwd=cwd or REPO, stdin=subprocess.DEVNULL, start_new_session=True)
 

@@ -14,14 +14,9 @@ Example::
             return add_header_mutation(add=[("foo", "bar")])
 """
 
-from ._config import ServerConfig, parse_address
-from ._context import CalloutContext
-from ._exceptions import CalloutError, CalloutKitError, ConfigError, TargetError
-from ._extproc import CalloutServer, ErrorPolicy
-from ._invoke import nonblocking
-from ._network import NetworkCalloutServer, NetworkContext, ProcessingResult
-from ._server import BaseServer
-from .tools import (
+from .extproc._context import CalloutContext
+from .extproc._server import CalloutServer
+from .extproc._tools import (
     add_body_mutation,
     add_dynamic_metadata,
     add_header_mutation,
@@ -35,6 +30,11 @@ from .tools import (
     headers_contain,
     override_mode,
 )
+from .network._server import NetworkCalloutServer, NetworkContext, ProcessingResult
+from .runtime._config import ServerConfig, parse_address
+from .runtime._errors import CalloutError, CalloutKitError, ConfigError, ErrorPolicy, TargetError
+from .runtime._invoke import nonblocking
+from .runtime._server import BaseServer
 
 __version__ = "0.1.0"
 

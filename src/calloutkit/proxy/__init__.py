@@ -21,7 +21,15 @@ Example::
 
 from ._backends import Backend, Target
 from ._channels import ChannelPool, channel_options
-from ._director import Destination, Director, Overflow, ProxyError, StreamParameters
+from ._config import (
+    BackendConfig,
+    HealthCheckConfig,
+    MirroringConfig,
+    RouteConfig,
+    TlsConfig,
+    TykMatch,
+)
+from ._director import Destination, Director, MirrorPolicy, Overflow, ProxyError, StreamParameters
 from ._handler import (
     WELL_KNOWN_UNARY,
     TransparentHandler,
@@ -29,18 +37,9 @@ from ._handler import (
     register_stream_handlers,
 )
 from ._metadata import forwardable
-from ._mirror import MirrorPolicy
 from ._peeker import Peeker
 from ._router import Router
-from ._routes import (
-    BackendConfig,
-    HealthCheckConfig,
-    MirroringConfig,
-    RouteConfig,
-    RoutingConfig,
-    TlsConfig,
-    TykMatch,
-)
+from ._routes import RoutingConfig
 from ._server import ProxyServer
 from ._stream import handle_stream, handle_unary
 from ._tyk import TykView, event_view, object_view

@@ -19,10 +19,10 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from .._config import DEFAULT_MAX_MESSAGE_SIZE
+from ..runtime._config import DEFAULT_MAX_MESSAGE_SIZE
 from ._channels import channel_options
+from ._config import BackendConfig
 from ._director import ProxyError
-from ._routes import BackendConfig
 
 logger = logging.getLogger(__name__)
 

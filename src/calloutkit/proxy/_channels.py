@@ -11,7 +11,7 @@ from typing import Any
 
 import grpc
 
-from .._config import DEFAULT_MAX_MESSAGE_SIZE
+from ..runtime._config import DEFAULT_MAX_MESSAGE_SIZE
 
 
 def channel_options(max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,

@@ -1,4 +1,5 @@
-"""What a director returns: where one call goes (`StreamParameters`, `Destination`).
+"""What a director returns: where one call goes (`StreamParameters`, `Destination`), and the
+limits its mirrors run under (`MirrorPolicy`).
 
 A director is ``async def director(method, context, peeker) -> StreamParameters`` (a plain
 ``def`` works too). It sees the full method name, the inbound `ServicerContext` (metadata,
@@ -10,6 +11,7 @@ raising `ProxyError`, whose status reaches the client as is.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import enum
 from collections.abc import Awaitable, Callable, Sequence
@@ -17,11 +19,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 
-from .._exceptions import CalloutKitError
+from ..runtime._errors import CalloutKitError
 from ._metadata import MetadataValue
 
 if TYPE_CHECKING:
-    from ._mirror import MirrorPolicy
     from ._peeker import Peeker
 
 #: ``err_handler(error)`` returns the error to report (the same or another), None to swallow
@@ -81,6 +82,58 @@ class Destination:
     msg: bytes | None = None
     err_handler: ErrHandler | None = None
     on_finish: Callable[[grpc.StatusCode], None] | None = None
+
+
+
+class MirrorPolicy:
+    """Limits for secondaries: queue size, own timeout, concurrent mirrored calls.
+
+    One policy is meant to be shared by every call of a proxy, so ``max_in_flight`` caps
+    mirrored calls process-wide; a mirror over the cap is skipped and its ``err_handler`` told.
+
+    Example::
+
+        mirror = MirrorPolicy(timeout=2.0, max_in_flight=50)
+        StreamParameters(primary, secondaries=[shadow], mirror=mirror)
+    """
+
+    def __init__(self, *, timeout: float | None = 30.0, max_in_flight: int = 100,
+                 queue_size: int = 16) -> None:
+        if timeout is not None and timeout <= 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
+        if queue_size < 1:
+            raise ValueError(f"queue_size must be >= 1, got {queue_size}")
+        self.timeout = timeout
+        self.max_in_flight = max_in_flight
+        self.queue_size = queue_size
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    @property
+    def in_flight(self) -> int:
+        """Mirrored calls running in the background right now."""
+        return len(self._tasks)
+
+    def _admit(self) -> bool:
+        return len(self._tasks) < self.max_in_flight
+
+    def _track(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def wait_idle(self) -> None:
+        """Wait until no mirrored call is in flight."""
+        while self._tasks:
+            await asyncio.wait(list(self._tasks))
+
+    async def aclose(self) -> None:
+        """Cancel the mirrored calls still running and wait for them."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
 
 
 @dataclasses.dataclass

@@ -21,7 +21,7 @@ from typing import Any
 
 import grpc
 
-from .._exceptions import ConfigError
+from ..runtime._errors import ConfigError
 from ._channels import ChannelPool
 from ._director import Director, ProxyError, StreamParameters
 from ._peeker import Peeker

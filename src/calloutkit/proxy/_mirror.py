@@ -19,60 +19,9 @@ from typing import Any
 
 import grpc
 
-from ._director import Destination, Overflow, ProxyError
+from ._director import Destination, MirrorPolicy, Overflow, ProxyError
 
 logger = logging.getLogger(__name__)
-
-
-class MirrorPolicy:
-    """Limits for secondaries: queue size, own timeout, concurrent mirrored calls.
-
-    One policy is meant to be shared by every call of a proxy, so ``max_in_flight`` caps
-    mirrored calls process-wide; a mirror over the cap is skipped and its ``err_handler`` told.
-
-    Example::
-
-        mirror = MirrorPolicy(timeout=2.0, max_in_flight=50)
-        StreamParameters(primary, secondaries=[shadow], mirror=mirror)
-    """
-
-    def __init__(self, *, timeout: float | None = 30.0, max_in_flight: int = 100,
-                 queue_size: int = 16) -> None:
-        if timeout is not None and timeout <= 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
-        if max_in_flight < 1:
-            raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
-        if queue_size < 1:
-            raise ValueError(f"queue_size must be >= 1, got {queue_size}")
-        self.timeout = timeout
-        self.max_in_flight = max_in_flight
-        self.queue_size = queue_size
-        self._tasks: set[asyncio.Task[Any]] = set()
-
-    @property
-    def in_flight(self) -> int:
-        """Mirrored calls running in the background right now."""
-        return len(self._tasks)
-
-    def _admit(self) -> bool:
-        return len(self._tasks) < self.max_in_flight
-
-    def _track(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def wait_idle(self) -> None:
-        """Wait until no mirrored call is in flight."""
-        while self._tasks:
-            await asyncio.wait(list(self._tasks))
-
-    async def aclose(self) -> None:
-        """Cancel the mirrored calls still running and wait for them."""
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def call_err_handler(dst: Destination, error: BaseException) -> BaseException | bytes | None:

@@ -11,12 +11,13 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from .._config import DEFAULT_MAX_MESSAGE_SIZE
+from ..runtime._config import DEFAULT_MAX_MESSAGE_SIZE
 from ._backends import Backend, Target
-from ._director import Destination, StreamParameters
-from ._mirror import MirrorPolicy, error_code
+from ._config import RouteConfig, TykMatch
+from ._director import Destination, MirrorPolicy, StreamParameters
+from ._mirror import error_code
 from ._peeker import Peeker
-from ._routes import RouteConfig, RoutingConfig, TykMatch
+from ._routes import RoutingConfig
 from ._tyk import DISPATCH, TykView, event_view, object_view
 
 logger = logging.getLogger(__name__)

@@ -18,14 +18,13 @@ import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from .._config import SERVER_OPTIONS, env_value
-from .._exceptions import ConfigError
-from .._server import BaseServer, Handlers
+from ..runtime._config import SERVER_OPTIONS, env_value
+from ..runtime._errors import ConfigError
+from ..runtime._server import BaseServer, Handlers
 from ._backends import Backend
 from ._channels import ChannelPool
-from ._director import Director, StreamParameters
+from ._director import Director, MirrorPolicy, StreamParameters
 from ._handler import WELL_KNOWN_UNARY, TransparentHandler
-from ._mirror import MirrorPolicy
 from ._peeker import Peeker
 from ._router import Router
 from ._routes import RoutingConfig

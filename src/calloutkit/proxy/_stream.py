@@ -30,9 +30,9 @@ from typing import Any, TypeAlias
 import grpc
 
 from ._channels import ChannelPool
-from ._director import Destination, Overflow, ProxyError, StreamParameters
+from ._director import Destination, MirrorPolicy, Overflow, ProxyError, StreamParameters
 from ._metadata import MetadataValue, forwardable
-from ._mirror import Leg, MirrorPolicy, call_err_handler, error_code, finish, task_cancelled
+from ._mirror import Leg, call_err_handler, error_code, finish, task_cancelled
 from ._peeker import Peeker
 
 logger = logging.getLogger(__name__)

@@ -16,27 +16,27 @@ from typing import Any
 
 import yaml
 
-from .._config import SERVER_OPTIONS, parse_address
-from .._exceptions import ConfigError
-from ._handler import WELL_KNOWN_UNARY
-from ._routes import (
+from ..runtime._config import SERVER_OPTIONS, parse_address
+from ..runtime._errors import ConfigError
+from ._config import (
     BALANCING,
     BackendConfig,
     HealthCheckConfig,
     MirroringConfig,
     RouteConfig,
-    RoutingConfig,
     TlsConfig,
     TykMatch,
 )
+from ._handler import WELL_KNOWN_UNARY
 from ._tyk import DISPATCH, DISPATCH_EVENT, HOOK_TYPES, hook_type
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*$")
 _METHOD = re.compile(r"^(\*|/[\w.]+/(\*|\w+))$")
 
 
-def read(text: str, path: str) -> RoutingConfig:
-    """Parse and validate routing YAML; `ConfigError` names file, line and key."""
+def read(text: str, path: str) -> dict[str, Any]:
+    """Parse and validate routing YAML into `RoutingConfig`'s fields; `ConfigError` names file,
+    line and key."""
     try:
         data = yaml.load(text, Loader=_Loader)  # a SafeLoader subclass
     except yaml.MarkedYAMLError as exc:
@@ -181,7 +181,7 @@ class _Reader:
 
     # -- sections -------------------------------------------------------------------------------
 
-    def config(self, data: Any) -> RoutingConfig:
+    def config(self, data: Any) -> dict[str, Any]:
         if data is None:
             raise self.fail(1, "", "the file is empty; it needs at least backends and a route "
                                    "or a default")
@@ -212,8 +212,9 @@ class _Reader:
         listeners = {}
         if "listeners" in top:
             listeners = self.listeners(top["listeners"], top.lines["listeners"])
-        return RoutingConfig(self.path, listeners, backends, tuple(routes), default, unary,
-                             mirroring)
+        return {"path": self.path, "listeners": listeners, "backends": backends,
+                "routes": tuple(routes), "default": default, "unary_methods": unary,
+                "mirroring": mirroring}
 
     def listeners(self, value: Any, line: int) -> dict[str, Any]:
         section = self.mapping(value, line, "listeners", tuple(_OPTION_KINDS))

@@ -22,7 +22,7 @@ Example::
 Run it with ``calloutkit serve server.py`` and send it a call with ``calloutkit tyk dispatch``.
 """
 
-from .._extproc import ErrorPolicy
+from ..runtime._errors import ErrorPolicy
 from ._call import Headers, PluginCall, PluginRequest, PluginResponse, tyk_error_body
 from ._events import EventHandler, GatewayEvent
 from ._proto import (

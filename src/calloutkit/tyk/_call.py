@@ -27,7 +27,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-from .._exceptions import CalloutError
+from ..runtime._errors import CalloutError
 from ._proto import Hook, Object, SessionState
 
 logger = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .._exceptions import CalloutError
+from ..runtime._errors import CalloutError
 
 
 @dataclasses.dataclass(frozen=True)

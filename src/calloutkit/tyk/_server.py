@@ -24,12 +24,16 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from .._config import DEFAULT_CERT_CHAIN_PATH, DEFAULT_PRIVATE_KEY_PATH, merge_environment
-from .._context import StreamAbort
-from .._exceptions import CalloutError, ConfigError
-from .._extproc import ErrorPolicy, parse_error_policy
-from .._invoke import Invoker
-from .._server import BaseServer, Handlers
+from ..runtime._config import DEFAULT_CERT_CHAIN_PATH, DEFAULT_PRIVATE_KEY_PATH, merge_environment
+from ..runtime._errors import (
+    CalloutError,
+    ConfigError,
+    ErrorPolicy,
+    StreamAbort,
+    parse_error_policy,
+)
+from ..runtime._invoke import Invoker
+from ..runtime._server import BaseServer, Handlers
 from ._call import PluginCall, PluginResponse, check_request_uri
 from ._events import EventHandler, GatewayEvent
 from ._proto import SERVICE_NAME, Event, EventReply, Hook, Object

@@ -35,7 +35,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import grpc
 
-from .._context import StreamAbort
+from ..runtime._errors import StreamAbort
 from ._call import check_request_uri, tyk_error_body
 from ._proto import DISPATCH_EVENT_METHOD, DISPATCH_METHOD, Event, EventReply, Hook, Object
 from ._server import TykPluginServer

@@ -5,8 +5,8 @@ from envoy.service.network_ext_proc.v3.network_external_processor_pb2 import (
     ProcessingResponse,
 )
 
-from calloutkit._extproc import ErrorPolicy
-from calloutkit._network import NetworkCalloutServer, NetworkContext, ProcessingResult
+from calloutkit.network._server import NetworkCalloutServer, NetworkContext, ProcessingResult
+from calloutkit.runtime._errors import ErrorPolicy
 
 __all__ = [
     "ErrorPolicy",

@@ -1,0 +1,7 @@
+"""``python -m calloutkit``: the ``calloutkit`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,153 @@
+"""The ``calloutkit`` command and the documented ``add_command_line_args``.
+
+Every server option is a flag (underscore spelling as documented, dash spelling as an alias)
+and an environment variable ``CALLOUTKIT_<OPTION>`` (flags win). Bad input ends with a one-line
+error and exit code 2.
+
+Subcommands live in their own modules and register through `_COMMANDS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from ..runtime._config import ENV_PREFIX, PATH_DEFAULTS, SERVER_OPTIONS, env_value, parse_address
+from ..runtime._errors import CalloutKitError, ConfigError
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _address(value: str) -> tuple[str, int]:
+    try:
+        return parse_address(value)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("address: ")) from None
+
+
+_TYPES: dict[str, Callable[[str], Any]] = {"address": _address, "int": int, "float": float,
+                                           "str": str, "path": str}
+
+
+def add_server_arguments(parser: argparse.ArgumentParser, environ: Any = None) -> None:
+    """Add every server option as a flag, with defaults from ``CALLOUTKIT_*`` variables."""
+    group = parser.add_argument_group("server options (also CALLOUTKIT_<OPTION> variables)")
+    for option, kind, text in SERVER_OPTIONS:
+        flags = [f"--{option}"]
+        if "_" in option:
+            flags.append(f"--{option.replace('_', '-')}")
+        default = env_value(option, kind, environ)
+        if default is None:
+            default = PATH_DEFAULTS.get(option)
+        if kind == "bool":
+            group.add_argument(*flags, dest=option, action=argparse.BooleanOptionalAction
+                               if option == "reflection" else "store_true",
+                               default=default if option == "reflection" else bool(default),
+                               help=text)
+        else:
+            group.add_argument(*flags, dest=option, type=_TYPES[kind], default=default,
+                               metavar=kind.upper(), help=text)
+
+
+def add_command_line_args() -> argparse.ArgumentParser:
+    """The documented parser: ``CalloutServer(**vars(add_command_line_args().parse_args()))``.
+
+    Example::
+
+        args = add_command_line_args().parse_args()
+        MyServer(**vars(args)).run()
+    """
+    parser = ArgumentParser(description="Run a calloutkit server.")
+    try:
+        add_server_arguments(parser)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    return parser
+
+
+def server_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The constructor keyword arguments held in parsed ``args``."""
+    return {option: getattr(args, option) for option, _, _ in SERVER_OPTIONS
+            if getattr(args, option, None) is not None}
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from ._loader import load_target
+
+    server_class = load_target(args.target)
+    kwargs = server_kwargs(args)
+    if args.error_policy is not None:
+        kwargs["error_policy"] = args.error_policy
+    try:
+        server = server_class(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"{server_class.__name__}: {exc}") from None
+    server.run()
+    return 0
+
+
+def _add_serve(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "serve", help="run a server from a file, folder or module",
+        description="Run the server class in TARGET: path/to/server.py, a folder with a "
+                    "server.py, or package.module, optionally followed by :ClassName.")
+    parser.add_argument("target", metavar="TARGET")
+    parser.add_argument("--error_policy", "--error-policy", dest="error_policy",
+                        default=os.environ.get(ENV_PREFIX + "ERROR_POLICY"),
+                        choices=["fail_closed", "continue", "abort"],
+                        help="what a raising callback answers (default fail_closed)")
+    add_server_arguments(parser)
+    parser.set_defaults(func=_serve)
+
+
+# Subcommands defined elsewhere: "module:function" that adds its parser to the subparsers.
+_COMMANDS: tuple[str, ...] = (
+    "calloutkit.cli._demo:add_parser",
+    "calloutkit.cli._send:add_parser",
+    "calloutkit.cli._tyk:add_parser",
+    "calloutkit.cli._proxy:add_parser",
+)
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="calloutkit", description="Build, test and run API-gateway "
+                            "callout servers.")
+    parser.add_argument("--log-level", default=os.environ.get(ENV_PREFIX + "LOG_LEVEL", "INFO"),
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
+                                       parser_class=ArgumentParser)
+    _add_serve(subparsers)
+    for entry in _COMMANDS:
+        module, _, func = entry.partition(":")
+        getattr(importlib.import_module(module), func)(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``calloutkit`` console script."""
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+    except ConfigError as exc:  # a bad CALLOUTKIT_* variable
+        print(f"calloutkit: error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=args.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except CalloutKitError as exc:
+        print(f"calloutkit: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+

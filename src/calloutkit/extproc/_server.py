@@ -1,0 +1,416 @@
+"""`CalloutServer`: Envoy's L7 external processing (``envoy.service.ext_proc.v3``).
+
+Envoy opens one bidirectional stream per HTTP request and sends one message per phase
+(request headers, body chunks, trailers, then the same for the response). For each message the
+server calls the matching ``on_<phase>`` callback and sends exactly one typed reply back,
+fixing up what Envoy would otherwise reject: content-length after a BUFFERED body change,
+``streamed_response`` in FULL_DUPLEX_STREAMED mode, ``raw_value`` in header mutations.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from types import CoroutineType
+from typing import Any, TypeAlias
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+from ..runtime._errors import CalloutError, ErrorPolicy, StreamAbort, parse_error_policy
+from ..runtime._invoke import Invoker
+from ..runtime._server import BaseServer, Handlers
+from ._context import CalloutContext
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
+
+_Mode = processing_mode_pb2.ProcessingMode
+_BUFFERED = (_Mode.BUFFERED, _Mode.BUFFERED_PARTIAL)
+_DUPLEX = (_Mode.FULL_DUPLEX_STREAMED, _Mode.GRPC)
+_STREAMING = (_Mode.STREAMED, *_DUPLEX)
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+_HEADERS, _BODY, _TRAILERS = 0, 1, 2
+# A reply on its way to the stream: a message, or already framed as its wire bytes.
+_Reply: TypeAlias = "pb.ProcessingResponse | bytes"
+# phase -> (reply type the callback may return, direction: 0 request / 1 response, kind)
+_PHASES: dict[str, tuple[type, int, int]] = {
+    "request_headers": (pb.HeadersResponse, 0, _HEADERS),
+    "response_headers": (pb.HeadersResponse, 1, _HEADERS),
+    "request_body": (pb.BodyResponse, 0, _BODY),
+    "response_body": (pb.BodyResponse, 1, _BODY),
+    "request_trailers": (pb.TrailersResponse, 0, _TRAILERS),
+    "response_trailers": (pb.TrailersResponse, 1, _TRAILERS),
+}
+
+
+# What a callback may return, recognised by class before anything slower is tried.
+_REPLY_CLASSES = frozenset({type(None), pb.HeadersResponse, pb.BodyResponse, pb.TrailersResponse,
+                            pb.ImmediateResponse, pb.ProcessingResponse})
+
+
+
+
+_GENERIC_ERROR_BODY = b"internal error in callout\n"
+
+# A ProcessingResponse with one field set is, on the wire, that field's tag, its length and
+# the typed reply itself: replies are framed that way rather than built and copied.
+_TAG = {phase: bytes((pb.ProcessingResponse.DESCRIPTOR.fields_by_name[phase].number << 3 | 2,))
+        for phase in _PHASES}
+_EMPTY_REPLY = {phase: tag + b"\x00" for phase, tag in _TAG.items()}
+_SMALL_LENGTH = [bytes((n,)) for n in range(0x80)]
+
+
+def _frame(tag: bytes, message: Any) -> bytes:
+    data: bytes = message.SerializeToString()
+    size = len(data)
+    if size < 0x80:
+        return tag + _SMALL_LENGTH[size] + data
+    length = bytearray()
+    while size >= 0x80:
+        length.append(size & 0x7F | 0x80)
+        size >>= 7
+    length.append(size)
+    return tag + length + data
+
+
+class CalloutServer(BaseServer):
+    """An Envoy ext_proc server: override the ``on_*`` callbacks you need.
+
+    Each callback receives the phase's message and a `CalloutContext`, may be ``def`` or
+    ``async def``, and returns one of: ``None`` (continue unmodified), the phase's typed reply
+    (`HeadersResponse`, `BodyResponse`, `TrailersResponse`), an `ImmediateResponse`, or a
+    complete `ProcessingResponse`. Override `process` to handle raw `ProcessingRequest`s.
+
+    Constructor options are those of the documented callout API (``address``, ``port``,
+    ``plaintext_address``, ``health_check_port``, ``cert_chain_path``, ...), plus
+    ``secure_address``, ``disable_tls``, ``grace_period``, ``max_message_size``,
+    ``reflection`` and ``error_policy``.
+
+    Example::
+
+        from calloutkit import CalloutServer, add_header_mutation
+
+        class Server(CalloutServer):
+            def on_response_headers(self, headers, context):
+                return add_header_mutation(add=[("foo", "bar")])
+
+        if __name__ == "__main__":
+            Server().run()
+    """
+
+    def __init__(self, *args: Any, error_policy: ErrorPolicy | str = ErrorPolicy.FAIL_CLOSED,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.error_policy = parse_error_policy(error_policy)
+        self._custom_process = self._overridden("process", CalloutServer)
+        self._callbacks: dict[str, Invoker | None] = {
+            phase: self._overridden(f"on_{phase}", CalloutServer) for phase in _PHASES}
+        self._warned_value_only = False
+
+    # -- the documented callbacks -----------------------------------------------------------
+
+    def on_request_headers(self, headers: pb.HttpHeaders, context: Any) -> Any:
+        """Request headers arrived. Return None, HeadersResponse or ImmediateResponse."""
+        return None
+
+    def on_response_headers(self, headers: pb.HttpHeaders, context: Any) -> Any:
+        """Response headers arrived. Return None, HeadersResponse or ImmediateResponse."""
+        return None
+
+    def on_request_body(self, body: pb.HttpBody, context: Any) -> Any:
+        """A request body (or chunk) arrived. Return None, BodyResponse or ImmediateResponse."""
+        return None
+
+    def on_response_body(self, body: pb.HttpBody, context: Any) -> Any:
+        """A response body (or chunk) arrived. Return None, BodyResponse or ImmediateResponse."""
+        return None
+
+    def on_request_trailers(self, trailers: pb.HttpTrailers, context: Any) -> Any:
+        """Request trailers arrived. Return None, TrailersResponse or ImmediateResponse."""
+        return None
+
+    def on_response_trailers(self, trailers: pb.HttpTrailers, context: Any) -> Any:
+        """Response trailers arrived. Return None or TrailersResponse."""
+        return None
+
+    def new_state(self) -> Any:
+        """Make the per-stream state object (``context.state``); a SimpleNamespace by default."""
+        return None
+
+    async def process(self, callout: pb.ProcessingRequest,
+                      context: CalloutContext) -> pb.ProcessingResponse | None:
+        """Answer one `ProcessingRequest`: by default, dispatch to the ``on_*`` callbacks.
+
+        Override it (``def`` or ``async def``) to work on raw messages; return the
+        `ProcessingResponse` to send. Returning None sends nothing for that message, which
+        Envoy only tolerates in observability mode.
+        """
+        reply = await self._dispatch(callout, context)
+        # The on_* path frames its replies as wire bytes; a process() override sees messages.
+        return pb.ProcessingResponse.FromString(reply) if isinstance(reply, bytes) else reply
+
+    # -- the stream ---------------------------------------------------------------------------
+
+    def _handlers(self) -> Handlers:
+        return [self._bidi_handler(SERVICE_NAME, pb.ProcessingRequest, self._stream)]
+
+    @functools.cached_property
+    def _stream(self) -> Callable[[AsyncIterator[pb.ProcessingRequest], Any],
+                                  AsyncIterator[bytes]]:
+        # Left at its default, new_state is not called: the context makes the namespace.
+        custom_state = type(self).new_state is not CalloutServer.new_state
+        return self._stream_function(self._new_context if custom_state else CalloutContext,
+                                     self._answer)
+
+    def _new_context(self, grpc_context: Any) -> CalloutContext:
+        return CalloutContext(grpc_context, self.new_state())
+
+    def _answer(self, request: pb.ProcessingRequest, context: CalloutContext,
+                ) -> _Reply | Coroutine[Any, Any, Any] | None:
+        """The stream's step: the reply itself when it is ready at once (no callback, or an
+        inline one), else a coroutine that produces it. Envoy sends one message per phase and
+        waits for the reply, so every coroutine frame saved here is saved on every message."""
+        context.request = request
+        if request.HasField("protocol_config"):
+            config = request.protocol_config
+            context.request_body_mode = config.request_body_mode
+            context.response_body_mode = config.response_body_mode
+        if self._custom_process is not None:
+            return self._run_process(request, context)
+        if request.observability_mode:
+            return self._observe(request, context)
+        return self._dispatch_now(request, context)
+
+    async def _observe(self, request: pb.ProcessingRequest, context: CalloutContext) -> None:
+        await self._dispatch(request, context)  # Envoy reads no reply in observability mode
+
+    async def _run_process(self, request: pb.ProcessingRequest,
+                           context: CalloutContext) -> _Reply | None:
+        assert self._custom_process is not None
+        try:
+            response = await self._custom_process(request, context)
+            if response is not None and not isinstance(response, pb.ProcessingResponse):
+                raise CalloutError(f"process() returned {type(response).__name__}; expected "
+                                   "ProcessingResponse or None")
+        except StreamAbort:
+            raise
+        except Exception:
+            logger.exception("process() failed")
+            response = self._on_error(request.WhichOneof("request"), request, context)
+        return None if request.observability_mode else response
+
+    async def _dispatch(self, request: pb.ProcessingRequest,
+                        context: CalloutContext) -> _Reply | None:
+        reply = self._dispatch_now(request, context)
+        if reply.__class__ is CoroutineType:
+            return await reply  # type: ignore[no-any-return, misc]
+        return reply  # type: ignore[return-value]
+
+    def _dispatch_now(self, request: pb.ProcessingRequest, context: CalloutContext,
+                      ) -> _Reply | Coroutine[Any, Any, Any] | None:
+        phase = request.WhichOneof("request")
+        if phase is None:
+            logger.warning("ProcessingRequest without a phase; ignoring it")
+            return None
+        message = getattr(request, phase)
+        if phase == "request_headers":
+            context.request_headers = message
+        elif phase == "response_headers":
+            context.response_headers = message
+        callback = self._callbacks[phase]
+        if callback is None:
+            return self._reply(phase, None, request, context)
+        if callback.is_async:
+            return self._finish(phase, callback.func(message, context), request, context)
+        if not callback.is_inline:
+            return self._finish(phase, callback(message, context), request, context)
+        # The same try as in _finish, written twice on purpose: an inline callback must not
+        # pay for a coroutine.
+        try:
+            result = callback.func(message, context)
+            if result.__class__ not in _REPLY_CLASSES and inspect.isawaitable(result):
+                return self._finish(phase, result, request, context)
+            return self._reply(phase, result, request, context)
+        except StreamAbort:
+            raise
+        except Exception:
+            return self._callback_failed(phase, request, context)
+
+    async def _finish(self, phase: str, pending: Awaitable[Any], request: pb.ProcessingRequest,
+                      context: CalloutContext) -> _Reply | None:
+        try:
+            return self._reply(phase, await pending, request, context)
+        except StreamAbort:
+            raise
+        except Exception:
+            return self._callback_failed(phase, request, context)
+
+    def _callback_failed(self, phase: str, request: pb.ProcessingRequest,
+                         context: CalloutContext) -> _Reply | None:
+        logger.exception("on_%s failed", phase)
+        return self._on_error(phase, request, context)
+
+    def _on_error(self, phase: str | None, request: pb.ProcessingRequest,
+                  context: CalloutContext) -> _Reply | None:
+        if self.error_policy is ErrorPolicy.ABORT or phase is None:
+            raise StreamAbort(grpc.StatusCode.INTERNAL, "callout failed")
+        if self.error_policy is ErrorPolicy.CONTINUE:
+            return self._reply(phase, None, request, context)
+        immediate = pb.ImmediateResponse(body=_GENERIC_ERROR_BODY,
+                                         details="calloutkit_callback_error")
+        immediate.status.code = 500
+        return pb.ProcessingResponse(immediate_response=immediate)
+
+    def _reply(self, phase: str, result: Any, request: pb.ProcessingRequest,
+               context: CalloutContext) -> _Reply:
+        expected, direction, kind = _PHASES[phase]
+        which: str | None = phase
+        if result is None or isinstance(result, expected):
+            if self._sendable_as_is(kind, direction, result, request, phase, context):
+                # The common case: framed straight from the callback's own message, with no
+                # ProcessingResponse built around it and no copy of it.
+                return _EMPTY_REPLY[phase] if result is None else _frame(_TAG[phase], result)
+            # A fix-up depends on this request: made on a copy, so that a reply object the
+            # callback keeps and returns again is never changed by it.
+            response = pb.ProcessingResponse()
+            if result is None:
+                getattr(response, phase).SetInParent()
+            else:
+                getattr(response, phase).CopyFrom(result)
+        elif isinstance(result, pb.ProcessingResponse):
+            response = result
+            which = response.WhichOneof("response")
+            if which == "immediate_response":
+                _fix_value_only(response.immediate_response.headers, self)
+                return response
+            if which is None:
+                return response
+            kind = _PHASES[which][2]
+        elif isinstance(result, pb.ImmediateResponse):
+            _fix_value_only(result.headers, self)
+            return pb.ProcessingResponse(immediate_response=result)
+        else:
+            raise CalloutError(f"on_{phase} returned {type(result).__name__}; expected None, "
+                               f"{expected.__name__}, ImmediateResponse or ProcessingResponse")
+        payload = getattr(response, str(which))
+        if kind == _TRAILERS:
+            _fix_value_only(payload.header_mutation, self)
+            return response
+        common = payload.response
+        _fix_value_only(common.header_mutation, self)
+        if kind == _HEADERS:
+            # Only a whole ProcessingResponse can carry a mode_override.
+            if result is response and response.HasField("mode_override"):
+                self._apply_override(response.mode_override, common, direction, context)
+            if (direction == 1 and context._strip_response_length
+                    and _has_content_length(context.response_headers)):
+                common.header_mutation.remove_headers.append("content-length")
+        else:
+            _shape_body(common, getattr(request, phase, None), direction, context)
+        return response
+
+    def _sendable_as_is(self, kind: int, direction: int, result: Any,
+                        request: pb.ProcessingRequest, phase: str,
+                        context: CalloutContext) -> bool:
+        """True when a typed reply (or None) needs no fix-up that depends on the request.
+
+        The one fix-up that does not, a value-only header copied to raw_value, is made here,
+        in place: it gives the same result however often it is applied.
+        """
+        if result is not None:
+            _fix_value_only((result if kind == _TRAILERS else result.response).header_mutation,
+                            self)
+        if kind == _HEADERS:
+            return direction == 0 or not context._strip_response_length
+        if kind == _TRAILERS:
+            return True
+        mode = context.request_body_mode if direction == 0 else context.response_body_mode
+        if result is None:
+            return mode not in _DUPLEX  # FULL_DUPLEX_STREAMED echoes the chunk back
+        return _body_kept(result.response.body_mutation, getattr(request, phase), mode)
+
+    def _apply_override(self, override: Any, common: pb.CommonResponse, direction: int,
+                        context: CalloutContext) -> None:
+        if direction == 0:
+            if (override.request_body_mode in _STREAMING
+                    and context.request_body_mode not in _STREAMING
+                    and _has_content_length(context.request_headers)):
+                # Envoy strips content-length only for modes configured as streaming; after
+                # an override a changed chunk would otherwise mismatch it and give a 500.
+                common.header_mutation.remove_headers.append("content-length")
+            context.request_body_mode = override.request_body_mode
+        if (override.response_body_mode in _STREAMING
+                and context.response_body_mode not in _STREAMING):
+            context._strip_response_length = True
+        context.response_body_mode = override.response_body_mode
+
+
+def _has_content_length(headers: pb.HttpHeaders | None) -> bool:
+    # Looked up only when a fix-up may need it: scanning every header message costs more.
+    return headers is not None and any(
+        h.key == "content-length" for h in headers.headers.headers)
+
+
+def _body_kept(mutation: pb.BodyMutation, body: pb.HttpBody | None, mode: int) -> bool:
+    """True when `_shape_body` would leave this body mutation as it is (nothing changed)."""
+    if mode in _DUPLEX:
+        return mutation.WhichOneof("mutation") == "streamed_response"  # type: ignore[no-any-return]
+    if mode not in _BUFFERED:
+        return True
+    kind = mutation.WhichOneof("mutation")
+    if kind == "body":
+        length = len(mutation.body)
+    elif kind == "clear_body":
+        length = 0
+    else:
+        return True
+    return body is not None and length == len(body.body)
+
+
+def _shape_body(common: pb.CommonResponse, body: pb.HttpBody | None, direction: int,
+                context: CalloutContext) -> None:
+    mode = context.request_body_mode if direction == 0 else context.response_body_mode
+    mutation = common.body_mutation
+    if _body_kept(mutation, body, mode):
+        return
+    kind = mutation.WhichOneof("mutation")
+    if mode in _DUPLEX:
+        # FULL_DUPLEX_STREAMED only accepts streamed_response; Envoy forwards nothing else.
+        data = mutation.body if kind == "body" else (
+            b"" if kind == "clear_body" else (body.body if body is not None else b""))
+        mutation.streamed_response.body = data
+        mutation.streamed_response.end_of_stream = bool(body is not None and body.end_of_stream)
+        return
+    # BUFFERED, and the body's length changed: content-length must follow it.
+    length = len(mutation.body) if kind == "body" else 0
+    headers = context.request_headers if direction == 0 else context.response_headers
+    if _has_content_length(headers) and not any(
+            o.header.key.lower() == "content-length" for o in common.header_mutation.set_headers):
+        common.header_mutation.set_headers.append(base_pb2.HeaderValueOption(
+            header=base_pb2.HeaderValue(key="content-length", raw_value=str(length).encode()),
+            append_action=_OVERWRITE))
+
+
+def _fix_value_only(mutation: Any, server: CalloutServer) -> None:
+    # Serializing the mutation costs far less than walking its headers from Python, and a
+    # header whose `value` is set puts that field's tag byte (0x12) in those bytes: no 0x12,
+    # nothing to fix. (remove_headers and `append` are tagged 0x12 too; they cost the walk.)
+    # An int needle: a bytes one makes `in` raise and clear a TypeError internally first.
+    if 0x12 not in mutation.SerializeToString():
+        return
+    for option in mutation.set_headers:
+        header = option.header
+        if header.value and not header.raw_value:
+            # Envoy reads only raw_value; a value-only header would arrive empty.
+            header.raw_value = header.value.encode()
+            if not server._warned_value_only:
+                server._warned_value_only = True
+                logger.warning("header %r was set with HeaderValue.value only; Envoy ignores "
+                               "value, so calloutkit copied it to raw_value", header.key)

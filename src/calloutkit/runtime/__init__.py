@@ -1,0 +1,12 @@
+"""The runtime every server kind stands on; it imports no protocol.
+
+- `_server`: `BaseServer`, listeners (plaintext, TLS, mTLS), gRPC health and reflection,
+  graceful drain, `run()`; a server kind hands it its methods as `Handlers`.
+- `_config`: every option, validated once into a frozen `ServerConfig`, from arguments or
+  ``CALLOUTKIT_*`` variables.
+- `_invoke`: calling a user's callback, sync or async, inline or in the pool.
+- `_health`: the HTTP health listener. `_workers`: ``--workers N`` processes.
+- `_errors`: the error hierarchy, `StreamAbort` and `ErrorPolicy`.
+
+Users import these names from `calloutkit`.
+"""

@@ -1,0 +1,319 @@
+"""Server options: resolved and validated once, then frozen.
+
+`ServerConfig.build` takes the constructor options of the documented callout API (`address`,
+`plaintext_port`, `cert_chain_path`, ...) and turns them into concrete listener addresses and
+TLS material. Every check that can fail happens here, at construction, with a one-line
+`ConfigError` naming the option; nothing is read from the environment or the disk later.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from ._errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+Address = tuple[str, int]
+
+DEFAULT_IP = "0.0.0.0"
+DEFAULT_SECURE_PORT = 8443
+DEFAULT_PLAINTEXT_PORT = 8080
+DEFAULT_HEALTH_PORT = 8000
+DEFAULT_CERT_CHAIN_PATH = "./extproc/ssl_creds/chain.pem"
+DEFAULT_PRIVATE_KEY_PATH = "./extproc/ssl_creds/privatekey.pem"
+# Envoy buffers bodies up to its per-connection limit (1 MiB by default) and Tyk sends bodies
+# twice; 32 MiB leaves room for raised gateway limits without letting one message eat memory.
+DEFAULT_MAX_MESSAGE_SIZE = 32 * 1024 * 1024
+DEFAULT_GRACE_PERIOD = 30.0
+
+
+ENV_PREFIX = "CALLOUTKIT_"
+
+# Every server option: (name, kind, help). The kind drives flag types and environment parsing;
+# kinds are address | int | float | bool | str | path.
+SERVER_OPTIONS: tuple[tuple[str, str, str], ...] = (
+    ("address", "address", "TLS gRPC address HOST:PORT (default: DEFAULT_IP:8443)"),
+    ("secure_address", "address", "same as --address"),
+    ("port", "int", "port of the TLS address"),
+    ("plaintext_address", "address", "plaintext (h2c) gRPC address (default: DEFAULT_IP:8080)"),
+    ("plaintext_port", "int", "port of the plaintext address"),
+    ("health_check_address", "address", "HTTP health address (default: DEFAULT_IP:8000)"),
+    ("health_check_port", "int", "port of the HTTP health address"),
+    ("combined_health_check", "bool", "no separate HTTP health server; gRPC health only"),
+    ("secure_health_check", "bool", "serve HTTP health over HTTPS"),
+    ("disable_plaintext", "bool", "no plaintext listener"),
+    ("disable_tls", "bool", "no TLS listener"),
+    ("default_ip", "str", "IP for addresses not given in full (default 0.0.0.0)"),
+    ("cert_chain_path", "path", "PEM certificate chain for TLS"),
+    ("private_key_path", "path", "PEM private key for TLS"),
+    ("server_thread_count", "int", "threads that run synchronous callbacks"),
+    ("grace_period", "float", "seconds streams in flight get to finish on shutdown"),
+    ("max_message_size", "int", "largest gRPC message accepted or sent, in bytes"),
+    ("reflection", "bool", "serve gRPC reflection"),
+    ("workers", "int", "worker processes sharing the ports (Linux; needs fixed ports)"),
+    ("event_loop", "str", "event loop of run(): auto (uvloop when installed), uvloop, asyncio"),
+)
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")
+PATH_DEFAULTS = {"cert_chain_path": DEFAULT_CERT_CHAIN_PATH,
+                 "private_key_path": DEFAULT_PRIVATE_KEY_PATH}
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def env_value(option: str, kind: str, environ: Mapping[str, str] | None = None) -> Any:
+    """Read ``CALLOUTKIT_<OPTION>``; None when unset. Raises `ConfigError` on a bad value.
+
+    >>> env_value("plaintext_port", "int", {"CALLOUTKIT_PLAINTEXT_PORT": "9000"})
+    9000
+    """
+    environ = os.environ if environ is None else environ
+    name = ENV_PREFIX + option.upper()
+    if name not in environ:
+        return None
+    raw = environ[name]
+    try:
+        if kind == "bool":
+            if raw.strip().lower() in _TRUE:
+                return True
+            if raw.strip().lower() in _FALSE:
+                return False
+            raise ValueError("expected true or false")
+        if kind == "address":
+            return parse_address(raw, name)
+        if kind in ("int", "float"):
+            return int(raw) if kind == "int" else float(raw)
+        return raw
+    except (ValueError, ConfigError) as exc:
+        raise ConfigError(f"{name}={raw!r}: {str(exc).removeprefix(name + ': ')}") from None
+
+
+def merge_environment(options: Mapping[str, Any],
+                      environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Fill the options a caller left at their defaults from ``CALLOUTKIT_*`` variables.
+
+    Explicit arguments win; a variable only fills what was not given.
+
+    >>> merge_environment({"plaintext_port": None}, {"CALLOUTKIT_PLAINTEXT_PORT": "9"})
+    {'plaintext_port': 9}
+    """
+    merged = dict(options)
+    for option, kind, _ in SERVER_OPTIONS:
+        if option not in merged:
+            continue
+        current = merged[option]
+        if (current is None or (kind == "bool" and current is False)
+                or current == PATH_DEFAULTS.get(option)):
+            value = env_value(option, kind, environ)
+            if value is not None:
+                merged[option] = value
+    return merged
+
+
+def parse_address(value: object, option: str = "address") -> Address:
+    """Parse ``HOST:PORT`` (``[v6]:PORT`` for IPv6) or a ``(host, port)`` pair.
+
+    >>> parse_address("127.0.0.1:8080")
+    ('127.0.0.1', 8080)
+    """
+    if isinstance(value, tuple | list):
+        if len(value) != 2:
+            raise ConfigError(f"{option}: expected (host, port), got {value!r}")
+        host, port = value
+        return str(host), _parse_port(port, option)
+    if not isinstance(value, str):
+        raise ConfigError(f"{option}: expected HOST:PORT, got {value!r}")
+    text = value.strip()
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise ConfigError(f"{option}: address {value!r} has no port (expected [HOST]:PORT)")
+        return host, _parse_port(rest[1:], option)
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or ":" in host:
+        raise ConfigError(f"{option}: address {value!r} has no port (expected HOST:PORT)")
+    return host, _parse_port(port, option)
+
+
+def _parse_port(value: object, option: str) -> int:
+    try:
+        port = int(str(value))
+    except ValueError:
+        raise ConfigError(f"{option}: port {value!r} is not a number") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{option}: port {port} is out of range 0-65535")
+    return port
+
+
+def format_address(address: Address) -> str:
+    """``('::1', 80)`` -> ``'[::1]:80'``; ``('0.0.0.0', 80)`` -> ``'0.0.0.0:80'``."""
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path!r}: {exc.strerror or exc}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    """Where a server listens and how it behaves; built by `ServerConfig.build`.
+
+    Example::
+
+        config = ServerConfig.build(plaintext_address=("127.0.0.1", 0), disable_tls=True)
+        assert config.secure_address is None
+    """
+
+    secure_address: Address | None
+    plaintext_address: Address | None
+    health_check_address: Address | None
+    secure_health_check: bool
+    cert_chain: bytes | None
+    private_key: bytes | None
+    thread_count: int
+    grace_period: float
+    max_message_size: int
+    reflection: bool
+    workers: int = 1
+    event_loop: str = "asyncio"  # resolved: "uvloop" or "asyncio"
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        address: Any = None,
+        port: int | None = None,
+        health_check_address: Any = None,
+        health_check_port: int | None = None,
+        combined_health_check: bool = False,
+        secure_health_check: bool = False,
+        plaintext_address: Any = None,
+        plaintext_port: int | None = None,
+        disable_plaintext: bool = False,
+        default_ip: str | None = None,
+        cert_chain: bytes | None = None,
+        cert_chain_path: str | None = DEFAULT_CERT_CHAIN_PATH,
+        private_key: bytes | None = None,
+        private_key_path: str | None = DEFAULT_PRIVATE_KEY_PATH,
+        server_thread_count: int | None = None,
+        secure_address: Any = None,
+        disable_tls: bool = False,
+        grace_period: float | None = None,
+        max_message_size: int | None = None,
+        reflection: bool | None = None,
+        workers: int | None = None,
+        event_loop: str | None = None,
+    ) -> ServerConfig:
+        """Resolve the documented constructor options into a validated config."""
+        ip = default_ip or DEFAULT_IP
+        if address is not None and secure_address is not None:
+            raise ConfigError("give either address or secure_address, not both")
+        secure: Address | None = _listener(
+            secure_address if secure_address is not None else address, port, ip,
+            DEFAULT_SECURE_PORT, "address")
+        plain: Address | None = _listener(
+            plaintext_address, plaintext_port, ip, DEFAULT_PLAINTEXT_PORT, "plaintext_address")
+        health: Address | None = _listener(
+            health_check_address, health_check_port, ip, DEFAULT_HEALTH_PORT,
+            "health_check_address")
+        if disable_plaintext:
+            plain = None
+        if combined_health_check:
+            health = None
+
+        chain, key = None, None
+        if not disable_tls:
+            chain, key = _tls_material(cert_chain, cert_chain_path, private_key, private_key_path)
+            if chain is None:
+                secure = None
+        else:
+            secure = None
+        if secure_health_check:
+            if health is None:
+                raise ConfigError("secure_health_check needs a separate health check server "
+                                  "(drop combined_health_check)")
+            if chain is None:
+                raise ConfigError("secure_health_check needs a certificate: set cert_chain_path "
+                                  "and private_key_path")
+        if secure is None and plain is None:
+            raise ConfigError("no listener: TLS is off (no certificate, or disable_tls) and "
+                              "plaintext is disabled; enable one of them")
+        grace_period = DEFAULT_GRACE_PERIOD if grace_period is None else grace_period
+        max_message_size = (DEFAULT_MAX_MESSAGE_SIZE if max_message_size is None
+                            else max_message_size)
+        workers = 1 if workers is None else workers
+        if workers < 1:
+            raise ConfigError(f"workers must be >= 1, got {workers}")
+        if workers > 1 and any(a is not None and a[1] == 0 for a in (secure, plain, health)):
+            raise ConfigError("workers > 1 needs fixed ports: with port 0 each worker would "
+                              "listen somewhere else")
+        if server_thread_count is None:
+            server_thread_count = min(32, (os.cpu_count() or 1) + 4)
+        if server_thread_count < 1:
+            raise ConfigError(f"server_thread_count must be >= 1, got {server_thread_count}")
+        if grace_period < 0:
+            raise ConfigError(f"grace_period must be >= 0 seconds, got {grace_period}")
+        if max_message_size < 1024:
+            raise ConfigError(f"max_message_size must be >= 1024 bytes, got {max_message_size}")
+        return cls(secure, plain, health, secure_health_check, chain, key, server_thread_count,
+                   float(grace_period), int(max_message_size), bool(reflection), workers,
+                   _event_loop(event_loop))
+
+
+def _event_loop(choice: str | None) -> str:
+    choice = "auto" if choice is None else str(choice).lower()
+    if choice not in EVENT_LOOPS:
+        raise ConfigError(f"event_loop must be one of {', '.join(EVENT_LOOPS)}, got {choice!r}")
+    if choice == "asyncio":
+        return choice
+    installed = importlib.util.find_spec("uvloop") is not None
+    if choice == "uvloop" and not installed:
+        raise ConfigError("event_loop=uvloop but uvloop is not installed: "
+                          "pip install 'calloutkit[fast]'")
+    return "uvloop" if installed else "asyncio"
+
+
+def _listener(address: Any, port: int | None, ip: str, default_port: int,
+              option: str) -> Address:
+    host, resolved_port = (ip, default_port) if address is None else parse_address(address, option)
+    if port is not None:
+        resolved_port = _parse_port(port, option.replace("address", "port"))
+    return host, resolved_port
+
+
+def _tls_material(cert_chain: bytes | None, cert_chain_path: str | None,
+                  private_key: bytes | None,
+                  private_key_path: str | None) -> tuple[bytes | None, bytes | None]:
+    defaults = (cert_chain_path in (None, DEFAULT_CERT_CHAIN_PATH)
+                and private_key_path in (None, DEFAULT_PRIVATE_KEY_PATH))
+    if cert_chain is None and cert_chain_path:
+        if defaults and private_key is None and not os.path.exists(cert_chain_path):
+            logger.warning(
+                "TLS listener not started: no certificate at %s. Pass cert_chain_path and "
+                "private_key_path (--cert_chain_path/--private_key_path) to serve TLS, or "
+                "disable_tls=True to silence this.", cert_chain_path)
+            return None, None
+        cert_chain = _read(cert_chain_path, "certificate chain")
+    if private_key is None and private_key_path:
+        private_key = _read(private_key_path, "private key")
+    if cert_chain is None or private_key is None:
+        missing = "private key" if cert_chain is not None else "certificate chain"
+        if cert_chain is None and private_key is None:
+            return None, None
+        raise ConfigError(f"TLS needs both a certificate chain and a private key; the {missing} "
+                          "is missing")
+    if b"-----BEGIN" not in cert_chain:
+        raise ConfigError("certificate chain is not PEM (no '-----BEGIN' line)")
+    if b"-----BEGIN" not in private_key:
+        raise ConfigError("private key is not PEM (no '-----BEGIN' line)")
+    return cert_chain, private_key

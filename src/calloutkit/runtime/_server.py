@@ -1,0 +1,471 @@
+"""The runtime every calloutkit server stands on.
+
+`BaseServer` owns the listeners (TLS, plaintext h2c, HTTP health), the gRPC health service, the
+optional reflection service, the pool for synchronous callbacks, and the lifecycle: `start`,
+`stop(grace)`, `serve`, the blocking `run` with signal handling, and the thread-safe `shutdown`.
+A server kind (ext_proc, network ext_proc, Tyk, proxy) subclasses it and supplies its gRPC
+handlers through `_handlers()`.
+
+Draining, in order: health turns NOT_SERVING (gRPC) and 503 (HTTP); new streams are refused with
+UNAVAILABLE while health keeps answering; streams in flight get up to the grace period to end;
+then the gRPC server stops and cancels whatever is left.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import ssl
+import tempfile
+import threading
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from types import CoroutineType
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from ._config import (
+    DEFAULT_CERT_CHAIN_PATH,
+    DEFAULT_PRIVATE_KEY_PATH,
+    ServerConfig,
+    format_address,
+    merge_environment,
+)
+from ._errors import ConfigError, StreamAbort
+from ._health import HttpHealthServer
+from ._invoke import CallbackPool, Invoker
+
+logger = logging.getLogger(__name__)
+
+C = TypeVar("C")
+
+_CONNECTION_AGE_MS = 30_000
+
+
+# What a server kind serves, per service name: its methods by name, or a catch-all handler.
+Handlers = Sequence[tuple[str, Mapping[str, grpc.RpcMethodHandler] | grpc.GenericRpcHandler]]
+
+
+class _MethodTable(grpc.GenericRpcHandler):  # type: ignore[misc]
+    """The server's one generic handler: every method in one dict, one lookup per call.
+
+    grpc.aio asks each generic handler in turn, a Python call each, and for every call it
+    accepts waits on one pending request per *registered* method as well (health's three
+    alone cost a one-message ext_proc stream about 4% more instructions). Generated
+    ``add_*_to_server`` functions fill this table as if it were the server. A catch-all
+    handler, such as the proxy's, is asked only for methods the table does not have.
+    """
+
+    def __init__(self) -> None:
+        self._methods: dict[str, grpc.RpcMethodHandler] = {}
+        self._others: list[grpc.GenericRpcHandler] = []
+
+    def add_registered_method_handlers(self, service: str,
+                                       handlers: Mapping[str, grpc.RpcMethodHandler]) -> None:
+        for method, handler in handlers.items():
+            self._methods[f"/{service}/{method}"] = handler
+        # Generated code also adds a generic handler for the methods it registers.
+        self._others = [h for h in self._others if not (
+            isinstance(h, grpc.ServiceRpcHandler) and h.service_name() == service)]
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self._others.extend(h for h in handlers if h not in self._others)
+
+    def add(self, service: str,
+            handler: Mapping[str, grpc.RpcMethodHandler] | grpc.GenericRpcHandler) -> None:
+        if isinstance(handler, grpc.GenericRpcHandler):
+            self.add_generic_rpc_handlers((handler,))
+        else:
+            self.add_registered_method_handlers(service, handler)
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails,
+                ) -> grpc.RpcMethodHandler | None:
+        found = self._methods.get(handler_call_details.method)
+        if found is None:
+            for other in self._others:
+                if (found := other.service(handler_call_details)) is not None:
+                    break
+        return found
+
+
+def _loop_name(loop: asyncio.AbstractEventLoop) -> str:
+    return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
+
+
+class BaseServer(abc.ABC):
+    """A gRPC server with truthful health, graceful drain and the documented listener options.
+
+    Subclasses implement `_handlers`; users subclass the concrete kinds (`CalloutServer`,
+    `NetworkCalloutServer`, ...). Construction validates every option and raises `ConfigError`.
+    Options left at their defaults are filled from ``CALLOUTKIT_<OPTION>`` environment
+    variables (``environ`` replaces `os.environ`), so a deployment can move ports without
+    touching code.
+
+    Example (embedding, e.g. in tests)::
+
+        server = CalloutServer(plaintext_address=("127.0.0.1", 0), disable_tls=True,
+                               combined_health_check=True)
+        await server.start()
+        print(server.plaintext_port)
+        await server.stop(grace=5)
+    """
+
+    #: Whether reflection is on when the caller does not say.
+    default_reflection: bool = False
+
+    def __init__(
+        self,
+        address: Any = None,
+        port: int | None = None,
+        health_check_address: Any = None,
+        health_check_port: int | None = None,
+        combined_health_check: bool = False,
+        secure_health_check: bool = False,
+        plaintext_address: Any = None,
+        plaintext_port: int | None = None,
+        disable_plaintext: bool = False,
+        default_ip: str | None = None,
+        cert_chain: bytes | None = None,
+        cert_chain_path: str | None = DEFAULT_CERT_CHAIN_PATH,
+        private_key: bytes | None = None,
+        private_key_path: str | None = DEFAULT_PRIVATE_KEY_PATH,
+        server_thread_count: int | None = None,
+        *,
+        secure_address: Any = None,
+        disable_tls: bool = False,
+        grace_period: float | None = None,
+        max_message_size: int | None = None,
+        reflection: bool | None = None,
+        workers: int | None = None,
+        event_loop: str | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        options = merge_environment(dict(
+            address=address, port=port, health_check_address=health_check_address,
+            health_check_port=health_check_port, combined_health_check=combined_health_check,
+            secure_health_check=secure_health_check, plaintext_address=plaintext_address,
+            plaintext_port=plaintext_port, disable_plaintext=disable_plaintext,
+            default_ip=default_ip, cert_chain_path=cert_chain_path,
+            private_key_path=private_key_path, server_thread_count=server_thread_count,
+            secure_address=secure_address, disable_tls=disable_tls, grace_period=grace_period,
+            max_message_size=max_message_size, reflection=reflection, workers=workers,
+            event_loop=event_loop),
+            environ)
+        if options["reflection"] is None:
+            options["reflection"] = self.default_reflection
+        self.config = ServerConfig.build(cert_chain=cert_chain, private_key=private_key,
+                                         **options)
+        self._pool = CallbackPool(self.config.thread_count)
+        self._grpc: grpc.aio.Server | None = None
+        self._health_servicer: health.aio.HealthServicer | None = None
+        self._http_health: HttpHealthServer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._serving = False
+        self._draining = False
+        self._active_streams = 0
+        self._idle: asyncio.Event | None = None
+        self._stopped: asyncio.Event | None = None
+        self._stop_task: asyncio.Task[None] | None = None
+        self._shutdown_requested = False
+        self.secure_port: int | None = None
+        self.plaintext_port: int | None = None
+        self.health_check_port: int | None = None
+
+    # -- what a server kind provides -----------------------------------------------------
+
+    @abc.abstractmethod
+    def _handlers(self) -> Handlers:
+        """Return ``(service full name, {method name: handler})`` pairs to serve; a generic
+        handler in place of the dict catches every method nothing else serves."""
+
+    def _grpc_options(self) -> list[tuple[str, Any]]:
+        size, workers = self.config.max_message_size, self.config.workers
+        options: list[tuple[str, Any]] = [
+            ("grpc.max_receive_message_length", size),
+            ("grpc.max_send_message_length", size),
+            # gRPC turns SO_REUSEPORT on by default, which lets two servers share a port without
+            # a word; only our own workers may share one.
+            ("grpc.so_reuseport", 1 if workers > 1 else 0),
+        ]
+        if workers > 1:
+            # Envoy keeps a few HTTP/2 connections for ever; ageing them out makes it
+            # reconnect, and the kernel may hand the new connection to another worker.
+            options += [("grpc.max_connection_age_ms", _CONNECTION_AGE_MS),
+                        ("grpc.max_connection_age_grace_ms",
+                         int(self.config.grace_period * 1000))]
+        return options
+
+    def invoker(self, func: Callable[..., Any]) -> Invoker:
+        """Wrap a user callback so it is awaited, run inline, or run in the thread pool."""
+        return Invoker(self._pool, func)
+
+    def _overridden(self, name: str, base: type) -> Invoker | None:
+        """The invoker of method ``name`` when this class overrides ``base``'s, else None.
+
+        A callback left at its default is skipped rather than called: no per-message call,
+        and for a ``def`` no thread-pool hop.
+        """
+        if getattr(type(self), name) is getattr(base, name):
+            return None
+        return self.invoker(getattr(self, name))
+
+    # -- stream accounting, used by handlers ---------------------------------------------
+
+    @property
+    def serving(self) -> bool:
+        """True between a successful `start` and the beginning of `stop`."""
+        return self._serving and not self._draining
+
+    @property
+    def active_streams(self) -> int:
+        """Streams (or calls) in flight right now."""
+        return self._active_streams
+
+    def _enter_stream(self) -> bool:
+        """Count a new stream in; False when draining (the caller refuses the stream)."""
+        if self._draining:
+            return False
+        self._active_streams += 1
+        return True
+
+    def _leave_stream(self) -> None:
+        self._active_streams -= 1
+        if self._draining and self._active_streams == 0 and self._idle is not None:
+            self._idle.set()
+
+    async def _refuse(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "server is draining")
+
+    def _bidi_handler(self, service: str, request_type: Any,
+                      stream: Callable[[AsyncIterator[Any], Any], AsyncIterator[bytes]],
+                      ) -> tuple[str, Mapping[str, grpc.RpcMethodHandler]]:
+        """``service/Process`` served by the async generator ``stream``, which yields its
+        replies serialized already."""
+        return service, {"Process": grpc.stream_stream_rpc_method_handler(
+            stream, request_deserializer=request_type.FromString)}
+
+    def _stream_function(self, new_context: Callable[[Any], C],
+                         answer: Callable[[Any, C], Any],
+                         ) -> Callable[[AsyncIterator[Any], Any], AsyncIterator[bytes]]:
+        """The handler of a stream-per-request protocol (ext_proc L7 and L4).
+
+        One answer per request, with drain accounting: refused while draining, counted while
+        open, a reply sent for each answer that is not None; `StreamAbort` ends the stream
+        with its status. ``answer`` returns the reply (a message, or its wire bytes), None,
+        or a coroutine giving either: a reply that is ready at once costs no coroutine at
+        all. (grpc.aio needs an async generator *function* here, hence the closure rather
+        than a generator method.)
+        """
+        async def stream(requests: AsyncIterator[Any], grpc_context: Any) -> AsyncIterator[bytes]:
+            if not self._enter_stream():
+                await self._refuse(grpc_context)
+                return
+            try:
+                context = new_context(grpc_context)
+                async for request in requests:
+                    response = answer(request, context)
+                    if response.__class__ is CoroutineType:
+                        response = await response
+                    if response is not None:
+                        # Serialized here rather than by a serializer function that grpc
+                        # would call per message.
+                        yield (response if response.__class__ is bytes
+                               else response.SerializeToString())
+            except StreamAbort as abort:
+                await grpc_context.abort(abort.code, abort.details)
+            finally:
+                self._leave_stream()
+
+        return stream
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind every listener and start serving; health turns SERVING once all are bound."""
+        if self._grpc is not None:
+            raise RuntimeError("server already started")
+        self._loop = asyncio.get_running_loop()
+        self._idle = asyncio.Event()
+        self._stopped = asyncio.Event()
+        server = grpc.aio.server(options=self._grpc_options())
+        handlers = list(self._handlers())
+        names = [name for name, _ in handlers]
+        table = _MethodTable()
+        self._health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health_servicer, table)
+        if self.config.reflection:
+            from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+
+            reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+                reflection.aio.ReflectionServicer(
+                    [*names, health.SERVICE_NAME, reflection.SERVICE_NAME]), table)
+        for name, handler in handlers:
+            table.add(name, handler)
+        server.add_generic_rpc_handlers((table,))
+        cfg = self.config
+        try:
+            if cfg.plaintext_address is not None:
+                self.plaintext_port = self._bind(
+                    server, cfg.plaintext_address, None, "plaintext")
+            if cfg.secure_address is not None:
+                assert cfg.cert_chain is not None and cfg.private_key is not None
+                creds = grpc.ssl_server_credentials([(cfg.private_key, cfg.cert_chain)])
+                self.secure_port = self._bind(server, cfg.secure_address, creds, "TLS")
+            await server.start()
+            self._grpc = server
+            if cfg.health_check_address is not None:
+                self._http_health = HttpHealthServer(lambda: self.serving,
+                                                     reuse_port=cfg.workers > 1)
+                host, port = cfg.health_check_address
+                try:
+                    self.health_check_port = await self._http_health.start(
+                        host, port, self._health_tls() if cfg.secure_health_check else None)
+                except OSError as exc:
+                    raise ConfigError(
+                        f"cannot bind health check listener {format_address((host, port))}: "
+                        f"{exc.strerror or exc}") from None
+        except BaseException:
+            await server.stop(0)
+            self._grpc = None
+            raise
+        for name in ["", *names]:
+            await self._health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._serving = True
+        logger.info("%s serving: %s (%s loop)", type(self).__name__,
+                    ", ".join(self._listening()), _loop_name(asyncio.get_running_loop()))
+        if self._shutdown_requested:
+            self._begin_stop()
+
+    def _bind(self, server: grpc.aio.Server, address: tuple[str, int],
+              creds: grpc.ServerCredentials | None, what: str) -> int:
+        target = format_address(address)
+        try:
+            port = (server.add_secure_port(target, creds) if creds is not None
+                    else server.add_insecure_port(target))
+        except RuntimeError as exc:
+            raise ConfigError(f"cannot bind {what} listener {target}: {exc}") from None
+        if port == 0:
+            raise ConfigError(f"cannot bind {what} listener {target}: address in use or invalid")
+        return int(port)
+
+    def _health_tls(self) -> ssl.SSLContext:
+        assert self.config.cert_chain is not None and self.config.private_key is not None
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        # ssl only loads certificates from files; keep them on disk just long enough to load.
+        with tempfile.TemporaryDirectory(prefix="calloutkit-") as tmp:
+            chain, key = os.path.join(tmp, "chain.pem"), os.path.join(tmp, "key.pem")
+            for path, data in ((chain, self.config.cert_chain), (key, self.config.private_key)):
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(data)
+            context.load_cert_chain(chain, key)
+        return context
+
+    def _listening(self) -> list[str]:
+        cfg, out = self.config, []
+        if self.secure_port is not None and cfg.secure_address is not None:
+            out.append(f"grpc+tls {format_address((cfg.secure_address[0], self.secure_port))}")
+        if self.plaintext_port is not None and cfg.plaintext_address is not None:
+            out.append(
+                f"grpc {format_address((cfg.plaintext_address[0], self.plaintext_port))}")
+        if self.health_check_port is not None and cfg.health_check_address is not None:
+            scheme = "https" if cfg.secure_health_check else "http"
+            host = cfg.health_check_address[0]
+            out.append(f"health {scheme}://{format_address((host, self.health_check_port))}")
+        return out
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain and stop. Streams in flight get ``grace`` seconds (default: the config's)."""
+        if self._grpc is None or self._stopped is None:
+            return
+        if self._stop_task is None:
+            self._stop_task = asyncio.ensure_future(self._drain(
+                self.config.grace_period if grace is None else grace))
+        await asyncio.shield(self._stop_task)
+
+    async def _drain(self, grace: float) -> None:
+        assert self._grpc is not None and self._stopped is not None and self._idle is not None
+        self._draining = True
+        logger.info("draining: %d stream(s) in flight, grace %.1fs", self._active_streams, grace)
+        if self._health_servicer is not None:
+            await self._health_servicer.enter_graceful_shutdown()
+        if self._active_streams > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), timeout=grace)
+        if self._active_streams:
+            logger.warning("grace period over: cancelling %d stream(s)", self._active_streams)
+        await self._grpc.stop(0)
+        if self._http_health is not None:
+            await self._http_health.stop()
+        self._pool.shutdown()
+        self._serving = False
+        logger.info("stopped")
+        self._stopped.set()
+
+    async def wait_closed(self) -> None:
+        """Wait until the server has stopped."""
+        if self._stopped is not None:
+            await self._stopped.wait()
+
+    async def serve(self) -> None:
+        """Start, then wait until something calls `stop` or `shutdown`."""
+        await self.start()
+        await self.wait_closed()
+
+    def shutdown(self) -> None:
+        """Ask the server to drain and stop; safe from any thread, and before `run` starts."""
+        self._shutdown_requested = True
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._begin_stop)
+
+    def _begin_stop(self) -> None:
+        if self._grpc is not None and self._stop_task is None:
+            self._stop_task = asyncio.ensure_future(self._drain(self.config.grace_period))
+
+    def run(self) -> None:
+        """Serve until SIGTERM/SIGINT or `shutdown`; blocking.
+
+        The first signal drains (health goes NOT_SERVING, streams in flight finish within the
+        grace period) and `run` returns; a second signal exits the process at once. With
+        ``workers > 1`` this process becomes a supervisor of that many forked workers. The
+        loop is uvloop's when it is installed (``event_loop="auto"``, the default).
+        """
+        if self.config.workers > 1:
+            from ._workers import supervise
+
+            code = supervise(self.config.workers, self._run_loop)
+            if code:
+                raise SystemExit(code)
+            return
+        self._run_loop()
+
+    def _run_loop(self) -> None:
+        factory = None
+        if self.config.event_loop == "uvloop":
+            import uvloop
+
+            factory = uvloop.new_event_loop
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(self._run_with_signals())
+
+    async def _run_with_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self._on_signal, sig)
+        await self.serve()
+
+    def _on_signal(self, sig: int) -> None:
+        if self._stop_task is not None or self._draining:
+            logger.warning("second %s: exiting now", signal.Signals(sig).name)
+            os._exit(128 + sig)
+        logger.info("%s: draining (send it again to exit at once)", signal.Signals(sig).name)
+        self._begin_stop()
+
+

@@ -1,0 +1,57 @@
+"""``calloutkit demo``: the README's main job, once and until it is told to stop."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+from conftest import free_port, read_until, run_cli, spawn, stop_process
+
+
+def test_demo_once_shows_both_mutations_and_exits_0():
+    result = run_cli("demo", "--once", "--port", str(free_port()), timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "x-calloutkit-request: seen /hello?from=calloutkit" in result.stdout
+    assert "x-calloutkit-response: added" in result.stdout
+
+
+def _envoy_children(pid: int) -> list[int]:
+    """Envoy processes started by any thread of ``pid`` (the demo starts it from a thread)."""
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as handle:
+            for child in map(int, handle.read().split()):
+                with open(f"/proc/{child}/cmdline", "rb") as cmdline:
+                    if b"envoy" in cmdline.read().split(b"\0")[0]:
+                        found.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_sigterm_stops_the_demo_and_its_envoy():
+    envoys: list[int] = []
+    demo = spawn([sys.executable, "-m", "calloutkit", "demo", "--port", str(free_port())])
+    try:
+        read_until(demo, "Press Ctrl-C to stop.")
+        envoys = _envoy_children(demo.pid)
+        assert envoys, "the demo runs Envoy as its child"
+        os.kill(demo.pid, signal.SIGTERM)
+        assert demo.wait(30) == 0
+        deadline = time.monotonic() + 10
+        while any(_alive(pid) for pid in envoys) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(_alive(pid) for pid in envoys), "Envoy outlived the demo"
+    finally:
+        stop_process(demo)
+        for pid in envoys:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)

@@ -1,0 +1,259 @@
+"""The shared runtime: listeners, health, reflection, drain, signals, concurrency."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import ssl
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import grpc
+import pytest
+from conftest import LOOPBACK, Certs, read_until, running, spawn, stop_process
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from calloutkit import CalloutServer, ConfigError, add_header_mutation
+from calloutkit.testing import http_headers
+
+METHOD = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
+
+
+def process_call(channel: grpc.aio.Channel) -> grpc.aio.StreamStreamMultiCallable:
+    return channel.stream_stream(METHOD, request_serializer=pb.ProcessingRequest.SerializeToString,
+                                 response_deserializer=pb.ProcessingResponse.FromString)
+
+
+def headers_request(path: str = "/") -> pb.ProcessingRequest:
+    return pb.ProcessingRequest(request_headers=http_headers({":path": path, ":method": "GET"},
+                                                             end_of_stream=True))
+
+
+def http_status(url: str, method: str = "GET", context: ssl.SSLContext | None = None) -> int:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method=method), timeout=5,
+                                    context=context) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+async def grpc_health(channel: grpc.aio.Channel, service: str = "") -> int:
+    stub = health_pb2_grpc.HealthStub(channel)
+    reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+    return int(reply.status)
+
+
+class Blocking(CalloutServer):
+    """request headers wait until the test opens the gate (sync or async flavour)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.gate = threading.Event()
+        self.async_gate = asyncio.Event()
+
+    def on_request_headers(self, headers, context):
+        self.gate.wait(10)  # a blocking sync callback: must not stall other streams
+        return add_header_mutation(add=[("x-blocked", "released")])
+
+    async def on_response_headers(self, headers, context):
+        await self.async_gate.wait()
+        return add_header_mutation(add=[("x-resp", "1")])
+
+
+async def test_500_streams_held_open_are_all_answered():
+    server = CalloutServer(**LOOPBACK)
+    async with running(server):
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.plaintext_port}") as channel:
+            call = process_call(channel)
+            streams = [call() for _ in range(500)]
+            for stream in streams:
+                await stream.write(headers_request())
+            replies = await asyncio.gather(*(stream.read() for stream in streams))
+            assert all(r.HasField("request_headers") for r in replies)
+            assert server.active_streams == 500  # none was closed: all held open at once
+            for stream in streams:
+                await stream.done_writing()
+            await asyncio.gather(*(stream.read() for stream in streams))
+
+
+async def test_blocking_sync_callback_does_not_stall_other_streams():
+    server = Blocking(**LOOPBACK)
+    async with running(server):
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.plaintext_port}") as channel:
+            call = process_call(channel)
+            blocked = call()
+            await blocked.write(headers_request())
+            other = call()
+            await other.write(pb.ProcessingRequest(response_headers=http_headers({":status":
+                                                                                  "200"})))
+            server.async_gate.set()
+            reply = await asyncio.wait_for(other.read(), 5)  # answered while `blocked` waits
+            assert reply.response_headers.response.header_mutation.set_headers[0].header.key == (
+                "x-resp")
+            server.gate.set()
+            reply = await asyncio.wait_for(blocked.read(), 5)
+            assert reply.request_headers.response.header_mutation.set_headers[0].header.raw_value \
+                == b"released"
+            blocked.cancel()
+            other.cancel()
+
+
+async def test_health_reflects_serving_and_draining():
+    server = Blocking(plaintext_address=("127.0.0.1", 0), disable_tls=True,
+                      health_check_address=("127.0.0.1", 0))
+    server.gate.set()
+    await server.start()
+    health_url = f"http://127.0.0.1:{server.health_check_port}/"
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.plaintext_port}") as channel:
+        serving = health_pb2.HealthCheckResponse.SERVING
+        assert await grpc_health(channel) == serving
+        assert await grpc_health(channel, "envoy.service.ext_proc.v3.ExternalProcessor") == serving
+        assert await asyncio.to_thread(http_status, health_url) == 200
+        assert await asyncio.to_thread(http_status, health_url, "HEAD") == 200
+        assert await asyncio.to_thread(http_status, health_url, "POST") == 405
+
+        in_flight = process_call(channel)()
+        await in_flight.write(pb.ProcessingRequest(response_headers=http_headers({":status":
+                                                                                  "200"})))
+        await asyncio.sleep(0.1)
+        stopping = asyncio.ensure_future(server.stop(grace=10))
+        await asyncio.sleep(0.1)
+        assert await grpc_health(channel) == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert await asyncio.to_thread(http_status, health_url) == 503
+        refused = process_call(channel)()
+        await refused.write(headers_request())
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await refused.read()
+        assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert not stopping.done()
+        server.async_gate.set()  # the stream in flight finishes within the grace period
+        reply = await asyncio.wait_for(in_flight.read(), 5)
+        assert reply.HasField("response_headers")
+        await in_flight.done_writing()
+        await asyncio.wait_for(stopping, 5)
+
+
+async def test_reflection_lists_the_services():
+    server = CalloutServer(reflection=True, **LOOPBACK)
+    async with running(server):
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.plaintext_port}") as channel:
+            stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+            replies = stub.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+            names = set()
+            async for reply in replies:
+                names = {s.name for s in reply.list_services_response.service}
+            assert {"envoy.service.ext_proc.v3.ExternalProcessor",
+                    "grpc.health.v1.Health"} <= names
+
+
+async def test_tls_listener_and_https_health(certs: Certs):
+    server = CalloutServer(secure_address=("127.0.0.1", 0), disable_plaintext=True,
+                           health_check_address=("127.0.0.1", 0), secure_health_check=True,
+                           cert_chain_path=certs.cert_path, private_key_path=certs.key_path)
+    async with running(server):
+        creds = grpc.ssl_channel_credentials(root_certificates=certs.ca_pem)
+        async with grpc.aio.secure_channel(f"127.0.0.1:{server.secure_port}", creds,
+                                           options=[("grpc.ssl_target_name_override",
+                                                     "localhost")]) as channel:
+            stream = process_call(channel)()
+            await stream.write(headers_request())
+            assert (await stream.read()).HasField("request_headers")
+            stream.cancel()
+        context = ssl.create_default_context(cadata=certs.ca_pem.decode())
+        url = f"https://localhost:{server.health_check_port}/"
+        assert await asyncio.to_thread(http_status, url, "GET", context) == 200
+
+
+def test_run_blocks_and_shutdown_works_from_another_thread():
+    server = CalloutServer(**LOOPBACK)
+    runner = threading.Thread(target=server.run)
+    runner.start()
+    deadline = time.monotonic() + 10
+    while not server.serving and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.serving
+    server.shutdown()
+    runner.join(10)
+    assert not runner.is_alive()
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+async def test_sigterm_drains_the_open_stream_then_exits_zero(loop):
+    process = spawn([sys.executable, "-m", "calloutkit", "serve",
+                     "tests/servers/slow_server.py", "--plaintext_address", "127.0.0.1:0",
+                     "--health_check_address", "127.0.0.1:0", "--disable_tls",
+                     "--event_loop", loop],
+                    env={"SLOW_SECONDS": "1.5"})
+    try:
+        line = await asyncio.to_thread(read_until, process, "serving:")
+        assert line.rstrip().endswith(f"({loop} loop)")
+        grpc_port = int(line.split("grpc 127.0.0.1:")[1].split(",")[0])
+        health_port = int(line.split("health http://127.0.0.1:")[1].split()[0])
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            stream = process_call(channel)()
+            await stream.write(headers_request())
+            await asyncio.sleep(0.3)  # the callback is now sleeping
+            os.kill(process.pid, signal.SIGTERM)
+            await asyncio.sleep(0.3)
+            assert await grpc_health(channel) == health_pb2.HealthCheckResponse.NOT_SERVING
+            status = await asyncio.to_thread(http_status, f"http://127.0.0.1:{health_port}/")
+            assert status == 503
+            reply = await asyncio.wait_for(stream.read(), 10)
+            assert reply.request_headers.response.header_mutation.set_headers[0].header.key == (
+                "x-slow")
+            await stream.done_writing()
+        assert await asyncio.to_thread(process.wait, 15) == 0
+    finally:
+        stop_process(process)
+
+
+def test_second_signal_exits_at_once():
+    process = spawn([sys.executable, "-m", "calloutkit", "serve",
+                     "tests/servers/slow_server.py", "--plaintext_address", "127.0.0.1:0",
+                     "--combined_health_check", "--disable_tls", "--grace_period", "60"])
+    try:
+        line = read_until(process, "serving:")
+        port = int(line.split("grpc 127.0.0.1:")[1].split(",")[0].split()[0])
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        call = channel.stream_stream(METHOD,
+                                     request_serializer=pb.ProcessingRequest.SerializeToString,
+                                     response_deserializer=pb.ProcessingResponse.FromString)
+        gate = threading.Event()
+
+        def requests():
+            yield headers_request()
+            gate.wait(30)
+
+        responses = call(requests())
+        time.sleep(0.3)
+        os.kill(process.pid, signal.SIGTERM)
+        read_until(process, "draining")
+        os.kill(process.pid, signal.SIGTERM)
+        assert process.wait(10) == 128 + signal.SIGTERM
+        gate.set()
+        responses.cancel()
+        channel.close()
+    finally:
+        stop_process(process)
+
+
+def test_a_taken_port_is_a_clear_error_not_a_shared_port():
+    # gRPC's default SO_REUSEPORT would let two servers share a port silently.
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        server = CalloutServer(plaintext_address=("127.0.0.1", port), disable_tls=True,
+                               combined_health_check=True)
+        with pytest.raises(ConfigError, match="cannot bind plaintext listener"):
+            asyncio.run(server.start())
