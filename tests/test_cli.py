@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
-from conftest import run_cli
+from conftest import read_until, run_cli, spawn, stop_process
 
 from calloutkit import TargetError
 from calloutkit._cli import add_command_line_args
 from calloutkit._loader import load_target
+
+# The console script, as users run it (``python -m calloutkit._cli`` puts the current folder
+# on sys.path by itself).
+CALLOUTKIT = os.path.join(os.path.dirname(sys.executable), "calloutkit")
+LOOPBACK_FLAGS = ["--plaintext_address", "127.0.0.1:0", "--disable_tls", "--combined_health_check"]
 
 
 def test_documented_flags_with_underscores_and_dashes():
@@ -79,3 +87,15 @@ def test_load_target_forms(tmp_path):
     assert load_target(str(folder)).__name__ == "Mine"
     assert load_target(str(folder / "server.py") + ":Mine").__name__ == "Mine"
     assert load_target("tests/servers/slow_server.py").__name__ == "SlowServer"
+
+
+def test_module_target_from_the_current_folder(tmp_path):
+    """``calloutkit serve server`` with server.py in the current folder, as ``python -m server``
+    would find it; the console script (not ``python -m``, which adds the folder itself)."""
+    (tmp_path / "server.py").write_text(
+        "from calloutkit import CalloutServer\nclass Mine(CalloutServer):\n    pass\n")
+    process = spawn([CALLOUTKIT, "serve", "server", *LOOPBACK_FLAGS], cwd=str(tmp_path))
+    try:
+        assert "Mine serving: grpc 127.0.0.1:" in read_until(process, "serving:")
+    finally:
+        stop_process(process)

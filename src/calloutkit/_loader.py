@@ -58,6 +58,11 @@ def _import(spec: str) -> ModuleType:
         if not os.path.isfile(path):
             raise TargetError(f"no such file: {path}")
         return _import_file(os.path.abspath(path))
+    # Like `python -m`: a module in the current folder is importable, which the console
+    # script alone does not give (its sys.path starts with the script's own folder).
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
     try:
         return importlib.import_module(spec)
     except ModuleNotFoundError as exc:
