@@ -99,3 +99,43 @@ def test_module_target_from_the_current_folder(tmp_path):
         assert "Mine serving: grpc 127.0.0.1:" in read_until(process, "serving:")
     finally:
         stop_process(process)
+
+
+LOGGING_SERVER = """\
+import logging
+from calloutkit import CalloutServer, ConfigError
+
+class Server(CalloutServer):
+    def __init__(self, **kwargs):
+        logging.getLogger(__name__).debug("built at debug level")
+        raise ConfigError("stopping here")
+"""
+
+
+@pytest.mark.parametrize(("before", "after", "shown"), [
+    ([], [], False),
+    (["--log-level", "DEBUG"], [], True),
+    ([], ["--log-level", "DEBUG"], True),
+    ([], ["--log-level", "debug"], True),
+    (["--log-level", "DEBUG"], ["--log-level", "INFO"], False),
+])
+def test_log_level_before_or_after_the_subcommand(tmp_path, before, after, shown):
+    (tmp_path / "server.py").write_text(LOGGING_SERVER)
+    result = run_cli(*before, "serve", "server.py", *after, cwd=str(tmp_path))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "calloutkit: error: stopping here"
+    assert ("built at debug level" in result.stderr) is shown
+
+
+def test_bad_log_level_after_the_subcommand_exit_2():
+    result = run_cli("serve", "tests/servers/slow_server.py", "--log-level", "LOUD")
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "--log-level: invalid choice: 'LOUD'" in result.stderr
+
+
+def test_bad_log_level_variable_exit_2():
+    result = run_cli("serve", "tests/servers/slow_server.py", env={"CALLOUTKIT_LOG_LEVEL": "loud"})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "calloutkit: error: CALLOUTKIT_LOG_LEVEL='loud': expected DEBUG, INFO, WARNING or ERROR"]
