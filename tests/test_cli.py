@@ -139,3 +139,41 @@ def test_bad_log_level_variable_exit_2():
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "calloutkit: error: CALLOUTKIT_LOG_LEVEL='loud': expected DEBUG, INFO, WARNING or ERROR"]
+
+
+def test_server_file_that_cannot_import(tmp_path):
+    """One line naming the file and the error, after the traceback of the user's frames."""
+    (tmp_path / "server.py").write_text("import helper\n")
+    (tmp_path / "helper.py").write_text("VALUE = 1\nimport does_not_exist_xyz\n")
+    for target, named in (("server.py", str(tmp_path / "server.py")), ("server", "server")):
+        result = run_cli("serve", target, cwd=str(tmp_path))
+        assert result.returncode == 2
+        lines = result.stderr.strip().splitlines()
+        assert lines[-1] == (f"calloutkit: error: cannot import {named}: "
+                             "ModuleNotFoundError: No module named 'does_not_exist_xyz'")
+        assert lines[:-1] == [
+            "Traceback (most recent call last):",
+            f'  File "{tmp_path / "server.py"}", line 1, in <module>',
+            "    import helper",
+            f'  File "{tmp_path / "helper.py"}", line 2, in <module>',
+            "    import does_not_exist_xyz",
+        ]
+
+
+def test_server_file_that_raises_while_imported(tmp_path):
+    (tmp_path / "server.py").write_text("settings = {}\nPORT = settings['port']\n")
+    result = run_cli("serve", "server.py", cwd=str(tmp_path))
+    assert result.returncode == 2
+    assert "calloutkit" not in result.stderr.replace("calloutkit: error:", "")
+    assert "importlib" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"calloutkit: error: cannot import {tmp_path / 'server.py'}: KeyError: 'port'")
+
+
+def test_syntax_error_names_the_file_it_is_in(tmp_path):
+    (tmp_path / "server.py").write_text("import helper\n")
+    (tmp_path / "helper.py").write_text("VALUE = (\n")
+    result = run_cli("serve", "server.py", cwd=str(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"calloutkit: error: {tmp_path / 'helper.py'}:1: syntax error: '(' was never closed"]

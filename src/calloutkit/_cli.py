@@ -24,7 +24,7 @@ from ._config import (
     env_value,
     parse_address,
 )
-from ._exceptions import CalloutKitError, ConfigError
+from ._exceptions import CalloutKitError, ConfigError, TargetError
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -179,6 +179,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except CalloutKitError as exc:
+        if isinstance(exc, TargetError) and exc.user_traceback:
+            print(exc.user_traceback, end="", file=sys.stderr)
         print(f"calloutkit: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
