@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 
 import pytest
@@ -168,6 +169,26 @@ def test_server_file_that_raises_while_imported(tmp_path):
     assert "importlib" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
         f"calloutkit: error: cannot import {tmp_path / 'server.py'}: KeyError: 'port'")
+
+
+@pytest.mark.parametrize("listening", [False, True], ids=["bound", "listening"])
+def test_busy_port_is_one_line_exit_2(listening):
+    """Without gRPC core's own log line (``E... add_port.cc ...``) before ours."""
+    with socket.socket() as busy:
+        if listening:  # as another server holds it
+            busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        busy.bind(("127.0.0.1", 0))
+        if listening:
+            busy.listen()
+        port = busy.getsockname()[1]
+        result = run_cli("serve", "tests/servers/slow_server.py", "--plaintext_address",
+                         f"127.0.0.1:{port}", "--disable_tls", "--combined_health_check")
+    assert result.returncode == 2
+    assert "add_port" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"calloutkit: error: cannot bind plaintext listener 127.0.0.1:{port}: "
+        "Address already in use"]
+
 
 
 def test_syntax_error_names_the_file_it_is_in(tmp_path):
