@@ -12,6 +12,7 @@ import importlib.util
 import inspect
 import os
 import sys
+import traceback
 from types import ModuleType
 
 from ..runtime._errors import TargetError
@@ -58,10 +59,19 @@ def _import(spec: str) -> ModuleType:
         if not os.path.isfile(path):
             raise TargetError(f"no such file: {path}")
         return _import_file(os.path.abspath(path))
+    # Like `python -m`: a module in the current folder is importable, which the console
+    # script alone does not give (its sys.path starts with the script's own folder).
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
     try:
         return importlib.import_module(spec)
     except ModuleNotFoundError as exc:
-        raise TargetError(f"cannot import {spec!r}: {exc}") from None
+        if exc.name is not None and _names_part_of(spec, exc.name):
+            raise TargetError(f"cannot import {spec!r}: {exc}") from None
+        raise _import_failed(spec, exc) from None
+    except Exception as exc:
+        raise _import_failed(spec, exc) from None
 
 
 def _import_file(path: str) -> ModuleType:
@@ -83,5 +93,40 @@ def _import_file(path: str) -> ModuleType:
     try:
         spec.loader.exec_module(module)
     except SyntaxError as exc:
-        raise TargetError(f"{path}:{exc.lineno}: syntax error: {exc.msg}") from None
+        sys.modules.pop(name, None)
+        raise TargetError(f"{exc.filename or path}:{exc.lineno}: syntax error: {exc.msg}"
+                          ) from None
+    except Exception as exc:
+        sys.modules.pop(name, None)
+        raise _import_failed(path, exc) from None
     return module
+
+
+def _names_part_of(spec: str, missing: str) -> bool:
+    """Whether the module that could not be found is ``spec`` itself or a package above it
+    (rather than something ``spec``'s own code imports)."""
+    return spec == missing or spec.startswith(missing + ".")
+
+
+def _import_failed(where: str, exc: Exception) -> TargetError:
+    """The error for a target whose own code raised while being imported: one line naming
+    the target and the error, and the traceback of the user's frames alone (calloutkit's and
+    importlib's frames say nothing about what to fix)."""
+    error = TargetError(f"cannot import {where}: {type(exc).__name__}: {exc}")
+    frames = [frame for frame in traceback.extract_tb(exc.__traceback__)
+              if not _is_machinery(frame.filename)]
+    if frames:
+        error.user_traceback = "Traceback (most recent call last):\n" + "".join(
+            traceback.format_list(frames))
+    return error
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+_IMPORTLIB = os.path.dirname(os.path.abspath(importlib.__file__))
+
+
+def _is_machinery(filename: str) -> bool:
+    if filename.startswith("<frozen importlib"):
+        return True
+    path = os.path.abspath(filename)
+    return any(path == root or path.startswith(root + os.sep) for root in (_PACKAGE, _IMPORTLIB))

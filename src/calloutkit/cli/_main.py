@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from ..runtime._config import ENV_PREFIX, PATH_DEFAULTS, SERVER_OPTIONS, env_value, parse_address
-from ..runtime._errors import CalloutKitError, ConfigError
+from ..runtime._errors import CalloutKitError, ConfigError, TargetError
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -119,17 +119,44 @@ _COMMANDS: tuple[str, ...] = (
 )
 
 
+_LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
+
+
+def _env_log_level() -> str:
+    # argparse checks choices only for values given on the command line, not for defaults.
+    raw = os.environ.get(ENV_PREFIX + "LOG_LEVEL", "INFO")
+    if raw.upper() not in _LOG_LEVELS:
+        raise ConfigError(f"{ENV_PREFIX}LOG_LEVEL={raw!r}: expected DEBUG, INFO, WARNING or ERROR")
+    return raw.upper()
+
+
+def _add_log_level(parser: argparse.ArgumentParser) -> None:
+    """Accept ``--log-level`` after every subcommand too, where people put options.
+
+    The subcommands' copies default to SUPPRESS, so only a flag that is given overrides the
+    value (or ``CALLOUTKIT_LOG_LEVEL``) set before the subcommand.
+    """
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                sub.add_argument("--log-level", default=argparse.SUPPRESS, choices=_LOG_LEVELS,
+                                 type=str.upper, help="logging threshold (default INFO)")
+                _add_log_level(sub)
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="calloutkit", description="Build, test and run API-gateway "
                             "callout servers.")
-    parser.add_argument("--log-level", default=os.environ.get(ENV_PREFIX + "LOG_LEVEL", "INFO"),
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper)
+    parser.add_argument("--log-level", default=_env_log_level(), choices=_LOG_LEVELS,
+                        type=str.upper,
+                        help="logging threshold (default INFO); also after the subcommand")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
                                        parser_class=ArgumentParser)
     _add_serve(subparsers)
     for entry in _COMMANDS:
         module, _, func = entry.partition(":")
         getattr(importlib.import_module(module), func)(subparsers)
+    _add_log_level(parser)
     return parser
 
 
@@ -146,6 +173,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except CalloutKitError as exc:
+        if isinstance(exc, TargetError) and exc.user_traceback:
+            print(exc.user_traceback, end="", file=sys.stderr)
         print(f"calloutkit: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -39,7 +39,13 @@ class ConfigError(CalloutKitError, ValueError):
 
 
 class TargetError(CalloutKitError):
-    """A `serve` target does not name a loadable server class."""
+    """A `serve` target does not name a loadable server class.
+
+    When the target's own code raised while being imported, ``user_traceback`` holds the
+    traceback of the target's frames (formatted, without calloutkit's); else it is empty.
+    """
+
+    user_traceback: str = ""
 
 
 class CalloutError(CalloutKitError):

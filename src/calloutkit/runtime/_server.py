@@ -19,6 +19,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import ssl
 import tempfile
 import threading
@@ -91,6 +92,43 @@ class _MethodTable(grpc.GenericRpcHandler):  # type: ignore[misc]
                 if (found := other.service(handler_call_details)) is not None:
                     break
         return found
+
+
+def _check_bindable(address: tuple[str, int], what: str, *, reuse_port: bool) -> None:
+    """Raise `ConfigError` when no address that ``address`` resolves to can be bound.
+
+    When gRPC core fails to bind it logs a line from C straight to stderr (``E... add_port.cc
+    ...``), then Python gets a RuntimeError that does not say why. Its GRPC_VERBOSITY is read
+    once, when gRPC initialises, so it cannot be lowered for this one call, and lowering it
+    for the whole process would hide every later gRPC error from the user. So a plain socket
+    tries the bind first, with the options gRPC's own listener uses (SO_REUSEADDR always,
+    SO_REUSEPORT only for our workers): it fails in the same cases, quietly, and says why.
+    Should the port be taken between this probe and gRPC's bind, `_bind` still reports
+    gRPC's error.
+    """
+    host, port = address
+    if port == 0:
+        return
+    try:
+        found = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except OSError:
+        return  # gRPC resolves names its own way; let it report what it cannot resolve
+    first_error: OSError | None = None
+    for family, kind, proto, _, sockaddr in found:
+        try:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if reuse_port and hasattr(socket, "SO_REUSEPORT"):
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                probe.bind(sockaddr)
+        except OSError as exc:
+            first_error = first_error or exc
+            continue
+        return  # gRPC too succeeds when any one of the resolved addresses binds
+    if first_error is not None:
+        raise ConfigError(f"cannot bind {what} listener {format_address(address)}: "
+                          f"{first_error.strerror or first_error}")
 
 
 def _loop_name(loop: asyncio.AbstractEventLoop) -> str:
@@ -344,6 +382,7 @@ class BaseServer(abc.ABC):
     def _bind(self, server: grpc.aio.Server, address: tuple[str, int],
               creds: grpc.ServerCredentials | None, what: str) -> int:
         target = format_address(address)
+        _check_bindable(address, what, reuse_port=self.config.workers > 1)
         try:
             port = (server.add_secure_port(target, creds) if creds is not None
                     else server.add_insecure_port(target))
