@@ -23,8 +23,9 @@ Run it with ``calloutkit serve server.py`` and send it a call with ``calloutkit 
 """
 
 from ..runtime._errors import ErrorPolicy
-from ._call import Headers, PluginCall, PluginRequest, PluginResponse, tyk_error_body
+from ._call import PluginCall, PluginRequest, PluginResponse, tyk_error_body
 from ._events import EventHandler, GatewayEvent
+from ._headers import Headers
 from ._proto import (
     AccessDefinition,
     AccessSpec,

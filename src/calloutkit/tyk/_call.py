@@ -23,65 +23,24 @@ import http
 import json as _json
 import logging
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from typing import Any
 from urllib.parse import urlsplit
 
 from ..runtime._errors import CalloutError
+from ._headers import TOKEN, Headers, named
 from ._proto import Hook, Object, SessionState
 
 logger = logging.getLogger(__name__)
 
 HeaderItems = Mapping[str, str] | Iterable[tuple[str, str]]
 
-_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:")
 _BAD_VALUE = re.compile(r"[\r\n\x00]")
 
 
-class Headers(Mapping[str, str]):
-    """A read-only, case-insensitive view of headers: ``headers["content-type"]`` is the first
-    value, ``headers.get_all("set-cookie")`` every value.
-
-    Example::
-
-        call.request.headers.get("authorization", "")
-        call.response.headers.get_all("Set-Cookie")
-    """
-
-    __slots__ = ("_names", "_values")
-
-    def __init__(self, items: Iterable[tuple[str, str]] = ()) -> None:
-        self._names: dict[str, str] = {}
-        self._values: dict[str, list[str]] = {}
-        for name, value in items:
-            key = name.lower()
-            self._names.setdefault(key, name)
-            self._values.setdefault(key, []).append(value)
-
-    def __getitem__(self, name: str) -> str:
-        return self._values[name.lower()][0]
-
-    def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and name.lower() in self._values
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._names.values())
-
-    def __len__(self) -> int:
-        return len(self._names)
-
-    def get_all(self, name: str) -> list[str]:
-        """Every value of ``name``, in order; empty when absent."""
-        return list(self._values.get(name.lower(), ()))
-
-    def __repr__(self) -> str:
-        pairs = ", ".join(f"{self._names[k]!r}: {v!r}" for k, v in self._values.items())
-        return f"Headers({{{pairs}}})"
-
-
 def _check_header(name: str, value: str | None = None) -> None:
-    if not isinstance(name, str) or not _TOKEN.match(name):
+    if not isinstance(name, str) or not TOKEN.match(name):
         raise ValueError(f"invalid header name {name!r}")
     if value is not None and (not isinstance(value, str) or _BAD_VALUE.search(value)):
         raise ValueError(f"invalid value for header {name!r}: {value!r} "
@@ -95,6 +54,11 @@ def _items(headers: HeaderItems | None) -> list[tuple[str, str]]:
     for name, value in pairs:
         _check_header(name, value)
     return pairs
+
+
+def _drop_keys(mapping: MutableMapping[str, str], is_name: Callable[[str], bool]) -> None:
+    for key in [k for k in mapping if is_name(k)]:
+        del mapping[key]
 
 
 def _remove(repeated: Any, matches: Any) -> None:
@@ -164,7 +128,7 @@ class PluginRequest:
 
     @method.setter
     def method(self, value: str) -> None:
-        if not isinstance(value, str) or not _TOKEN.match(value):
+        if not isinstance(value, str) or not TOKEN.match(value):
             raise ValueError(f"invalid method {value!r}")
         self._request.method = value
 
@@ -224,19 +188,17 @@ class PluginRequest:
     def set_header(self, name: str, value: str) -> None:
         """Set (replace) a header on the upstream request."""
         _check_header(name, value)
-        lowered = name.lower()
-        _remove(self._request.delete_headers, lambda n: n.lower() == lowered)
-        for key in [k for k in self._request.set_headers if k.lower() == lowered]:
-            del self._request.set_headers[key]
+        is_name = named(name)
+        _remove(self._request.delete_headers, is_name)
+        _drop_keys(self._request.set_headers, is_name)
         self._request.set_headers[name] = value
 
     def delete_header(self, name: str) -> None:
         """Remove a header from the upstream request."""
         _check_header(name)
-        lowered = name.lower()
-        for key in [k for k in self._request.set_headers if k.lower() == lowered]:
-            del self._request.set_headers[key]
-        if not any(n.lower() == lowered for n in self._request.delete_headers):
+        is_name = named(name)
+        _drop_keys(self._request.set_headers, is_name)
+        if not any(is_name(n) for n in self._request.delete_headers):
             self._request.delete_headers.append(name)
 
     def set_param(self, name: str, value: str) -> None:
@@ -316,11 +278,11 @@ class PluginResponse:
         """Add one more value to a header (``Set-Cookie``), keeping the values it has."""
         _check_header(name, value)
         self._seed_multivalue()
-        lowered = name.lower()
+        is_name = named(name)
         for entry in self._response.multivalue_headers:
-            if entry.key.lower() == lowered:
+            if is_name(entry.key):
                 entry.values.append(value)
-                if not any(k.lower() == lowered for k in self._response.headers):
+                if not any(is_name(k) for k in self._response.headers):
                     self._response.headers[entry.key] = entry.values[0]
                 return
         self._response.headers[name] = value
@@ -330,12 +292,11 @@ class PluginResponse:
         """Remove every value of a header."""
         _check_header(name)
         self._seed_multivalue()
-        lowered = name.lower()
-        for key in [k for k in self._response.headers if k.lower() == lowered]:
-            del self._response.headers[key]
+        is_name = named(name)
+        _drop_keys(self._response.headers, is_name)
         entries = self._response.multivalue_headers
         for index in reversed(range(len(entries))):
-            if entries[index].key.lower() == lowered:
+            if is_name(entries[index].key):
                 del entries[index]
 
     @property
@@ -354,10 +315,8 @@ class PluginResponse:
             self.set_header(self._length_key(), str(len(data)))
 
     def _length_key(self) -> str:
-        for key in self._response.headers:
-            if key.lower() == "content-length":
-                return str(key)
-        return "Content-Length"
+        is_length = named("Content-Length")
+        return next((str(k) for k in self._response.headers if is_length(k)), "Content-Length")
 
     @property
     def text(self) -> str:
@@ -504,7 +463,7 @@ class PluginCall:
             if body:
                 raise ValueError("give body or json, not both")
             body = _json.dumps(json)
-            if not any(n.lower() == "content-type" for n, _ in pairs):
+            if "Content-Type" not in Headers(pairs):
                 pairs.append(("Content-Type", "application/json"))
         data = _as_bytes(body)
         if self.hook is Hook.RESPONSE and self.object.HasField("response"):

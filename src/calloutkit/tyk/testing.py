@@ -27,7 +27,6 @@ import dataclasses
 import datetime
 import hashlib
 import json
-import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -37,6 +36,7 @@ import grpc
 
 from ..runtime._errors import StreamAbort
 from ._call import check_request_uri, tyk_error_body
+from ._headers import Headers, canonical_header_key, named
 from ._proto import DISPATCH_EVENT_METHOD, DISPATCH_METHOD, Event, EventReply, Hook, Object
 from ._server import TykPluginServer
 
@@ -53,14 +53,6 @@ __all__ = [
 ]
 
 EMPTY_BUNDLE_HASH = hashlib.md5(b"").hexdigest()  # what the gateway sends
-_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
-
-
-def canonical_header_key(key: str) -> str:
-    """Go's ``textproto.CanonicalMIMEHeaderKey``: ``x-api-key`` -> ``X-Api-Key``."""
-    if not _TOKEN.match(key):
-        return key
-    return "-".join(part[:1].upper() + part[1:].lower() for part in key.split("-"))
 
 
 def _first_values(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
@@ -68,6 +60,11 @@ def _first_values(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
     for key, value in pairs:
         out.setdefault(canonical_header_key(key), value)
     return out
+
+
+def _without(pairs: Iterable[tuple[str, str]], name: str) -> list[tuple[str, str]]:
+    is_name = named(name)
+    return [(k, v) for k, v in pairs if not is_name(k)]
 
 
 def _text(data: bytes) -> str:
@@ -84,13 +81,11 @@ class _HeaderLookup:
 
     def header(self, name: str, default: str | None = None) -> str | None:
         """The first value of a header (case-insensitive)."""
-        values = self.header_values(name)
-        return values[0] if values else default
+        return Headers(self.headers).get(name, default)
 
     def header_values(self, name: str) -> list[str]:
         """Every value of a header, in order (case-insensitive)."""
-        lowered = name.lower()
-        return [v for k, v in self.headers if k.lower() == lowered]
+        return Headers(self.headers).get_all(name)
 
 
 @dataclasses.dataclass
@@ -354,16 +349,14 @@ class Gateway:
         req, upstream = returned.request, outcome.request
         # 1. The body always comes from raw_body; the text body is never read.
         upstream.body = bytes(req.raw_body)
-        upstream.headers = [(k, v) for k, v in upstream.headers if k.lower() != "content-length"]
+        upstream.headers = _without(upstream.headers, "Content-Length")
         if upstream.body:
             upstream.headers.append(("Content-Length", str(len(upstream.body))))
         # 2. Headers: deletes, then sets (replace).
         for key in req.delete_headers:
-            lowered = key.lower()
-            upstream.headers = [(k, v) for k, v in upstream.headers if k.lower() != lowered]
+            upstream.headers = _without(upstream.headers, key)
         for key, value in req.set_headers.items():
-            lowered = key.lower()
-            upstream.headers = [(k, v) for k, v in upstream.headers if k.lower() != lowered]
+            upstream.headers = _without(upstream.headers, key)
             upstream.headers.append((canonical_header_key(key), value))
         # 3. Query: from the original query, deletes then adds; extended_params is ignored.
         params = [(k, v) for k, v in upstream.query if k not in set(req.delete_params)]
@@ -438,8 +431,8 @@ class Gateway:
         multivalue = [(h.key, list(h.values)) for h in res.multivalue_headers]
         if dict(res.headers) != dict(sent.response.headers):
             multivalue = sync_multivalue_headers(dict(res.headers), multivalue)
-        headers = [(canonical_header_key(k), v) for k, values in multivalue for v in values
-                   if k.lower() != "content-length"]
+        headers = _without(((canonical_header_key(k), v) for k, values in multivalue
+                            for v in values), "Content-Length")
         headers.append(("Content-Length", str(len(res.raw_body))))
         outcome.response = HttpResponse(res.status_code, headers, bytes(res.raw_body))
         return outcome
