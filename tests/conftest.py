@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -89,6 +90,16 @@ class Certs:
 @pytest.fixture(scope="session")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
     return Certs(str(tmp_path_factory.mktemp("certs")))
+
+
+@pytest.fixture
+def temp_dir(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh, empty temp dir for this process and the processes it starts."""
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    monkeypatch.setenv("TMPDIR", str(folder))
+    return str(folder)
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,17 @@ import time
 from conftest import free_port, read_until, run_cli, spawn, stop_process
 
 
-def test_demo_once_shows_both_mutations_and_exits_0():
-    result = run_cli("demo", "--once", "--port", str(free_port()), timeout=120)
+def envoy_folders(folder: str) -> list[str]:
+    return [name for name in os.listdir(folder) if name.startswith("calloutkit-envoy-")]
+
+
+def test_demo_once_shows_both_mutations_and_exits_0(temp_dir):
+    result = run_cli("demo", "--once", "--port", str(free_port()), timeout=120,
+                     env={"TMPDIR": temp_dir})
     assert result.returncode == 0, result.stdout + result.stderr
     assert "x-calloutkit-request: seen /hello?from=calloutkit" in result.stdout
     assert "x-calloutkit-response: added" in result.stdout
+    assert envoy_folders(temp_dir) == []
 
 
 def _envoy_children(pid: int) -> list[int]:
@@ -37,15 +43,18 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_sigterm_stops_the_demo_and_its_envoy():
+def test_sigterm_stops_the_demo_and_its_envoy(temp_dir):
     envoys: list[int] = []
-    demo = spawn([sys.executable, "-m", "calloutkit", "demo", "--port", str(free_port())])
+    demo = spawn([sys.executable, "-m", "calloutkit", "demo", "--port", str(free_port())],
+                 env={"TMPDIR": temp_dir})
     try:
         read_until(demo, "Press Ctrl-C to stop.")
         envoys = _envoy_children(demo.pid)
         assert envoys, "the demo runs Envoy as its child"
+        assert len(envoy_folders(temp_dir)) == 1  # the folder is where the test looks
         os.kill(demo.pid, signal.SIGTERM)
         assert demo.wait(30) == 0
+        assert envoy_folders(temp_dir) == []
         deadline = time.monotonic() + 10
         while any(_alive(pid) for pid in envoys) and time.monotonic() < deadline:
             time.sleep(0.05)

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
-from conftest import LOOPBACK, Certs
+from conftest import LOOPBACK, Certs, free_port
 
 from calloutkit import (
+    CalloutKitError,
     CalloutServer,
     add_body_mutation,
     add_header_mutation,
@@ -208,3 +210,64 @@ async def test_envoy_over_tls_to_the_callout(certs: Certs, upstream):
         assert response.header("x-resp-added") == "yes"
     finally:
         await server.stop(1)
+
+
+def processes_using(folder: str) -> list[int]:
+    """Live processes with ``folder`` on their command line (Envoy's config lives there)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                if folder.encode() in handle.read():
+                    found.append(int(pid))
+        except OSError:
+            pass  # it ended while we looked
+    return found
+
+
+async def test_stop_removes_the_temporary_folder_and_keeps_the_log(callout, upstream,
+                                                                   temp_dir):
+    envoy = Envoy(envoy_config(callout.plaintext_port or 0, upstream.port))
+    await asyncio.to_thread(envoy.start)
+    try:
+        [folder] = os.listdir(temp_dir)
+        assert folder.startswith("calloutkit-envoy-")
+        assert (await request(envoy.url + "/kept")).status == 200
+    finally:
+        await asyncio.to_thread(envoy.stop)
+    assert os.listdir(temp_dir) == []
+    assert "GET /kept 200" in envoy.log_tail()
+    await asyncio.to_thread(envoy.start)  # it can start again, with a new folder
+    assert len(os.listdir(temp_dir)) == 1
+    await asyncio.to_thread(envoy.stop)
+    assert os.listdir(temp_dir) == []
+
+
+async def test_a_with_block_that_raises_leaves_nothing_behind(callout, upstream, temp_dir):
+    def run() -> None:
+        with Envoy(envoy_config(callout.plaintext_port or 0, upstream.port)):
+            assert processes_using(temp_dir)
+            raise RuntimeError("the test failed")
+
+    with pytest.raises(RuntimeError, match="the test failed"):
+        await asyncio.to_thread(run)
+    assert processes_using(temp_dir) == []
+    assert os.listdir(temp_dir) == []
+
+
+def test_an_envoy_that_exits_at_start_leaves_nothing_behind(upstream, temp_dir):
+    config = envoy_config(free_port(), upstream.port)
+    config["static_resources"]["listeners"][0]["address"]["socket_address"]["address"] = "nowhere"
+    envoy = Envoy(config)
+    with pytest.raises(CalloutKitError, match=r"envoy exited with 1: .*nowhere"):
+        envoy.start()
+    assert envoy.process is None
+    assert os.listdir(temp_dir) == []
+
+
+def test_an_envoy_never_ready_is_stopped_and_leaves_nothing_behind(upstream, temp_dir):
+    envoy = Envoy(envoy_config(free_port(), upstream.port))
+    with pytest.raises(CalloutKitError, match="envoy did not become ready in 0s"):
+        envoy.start(timeout=0)  # started, then given no time at all
+    assert processes_using(temp_dir) == []
+    assert os.listdir(temp_dir) == []

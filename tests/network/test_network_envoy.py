@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -360,6 +361,15 @@ async def test_envoy_reaches_the_server_over_tls(certs: Certs, envoy_for):
         writer.close()
     finally:
         await server.stop(1)
+
+
+async def test_stop_leaves_no_temporary_folder(transform, echo, temp_dir):
+    with Envoy(network_envoy_config(transform.plaintext_port, echo.port)) as envoy:
+        assert [name[:17] for name in os.listdir(temp_dir)] == ["calloutkit-envoy-"]
+        reader, writer = await connect(envoy)
+        assert await exchange(reader, writer, b"tidy 1\n", 7) == b"TIDY b\n"
+        writer.close()
+    assert os.listdir(temp_dir) == []
 
 
 async def test_health_names_the_network_service(transform):

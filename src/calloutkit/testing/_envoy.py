@@ -2,7 +2,8 @@
 
 `envoy_config` writes the bootstrap of the reference deployment (HTTP listener -> ext_proc
 filter -> router -> upstream) with every port chosen by the kernel; `Envoy` starts the binary in
-its own session, waits until it is LIVE, finds its listener port, and stops it by its pid.
+its own session, waits until it is LIVE, finds its listener port, and stops it by its pid,
+removing the temporary folder that held its config and log.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from ..runtime._errors import CalloutKitError
 
 _EXT_PROC = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
 _HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+_KEPT_LOG = 64 * 1024  # how much of the log log_tail() can still show after stop()
 
 
 def find_envoy() -> str:
@@ -168,8 +170,11 @@ class Envoy:
     def __init__(self, config: Mapping[str, Any], *, log_level: str = "warning") -> None:
         self.config = config
         self._log_level = log_level
-        self._dir = tempfile.mkdtemp(prefix="calloutkit-envoy-")
-        self.log_path = os.path.join(self._dir, "envoy.log")
+        # The folder (config, log, admin address) exists from start() to stop() only, so no
+        # run leaves one behind in the temp dir; the log's end outlives it for log_tail().
+        self._dir: str | None = None
+        self._last_log = b""
+        self.log_path = ""
         self.process: subprocess.Popen[bytes] | None = None
         self.admin_url = ""
         self.port = 0
@@ -180,6 +185,23 @@ class Envoy:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 30.0) -> Envoy:
+        """Start Envoy and wait until it is LIVE; if it exits or is not ready in ``timeout``
+        seconds, stop it, remove its folder and raise `CalloutKitError` with its log's end."""
+        if self.process is not None and self.process.poll() is None:
+            raise CalloutKitError("envoy is already running: stop() it first")
+        self.stop()  # what is left of a run that ended by itself
+        self._dir = tempfile.mkdtemp(prefix="calloutkit-envoy-")
+        self.log_path = os.path.join(self._dir, "envoy.log")
+        self.admin_url, self.port = "", 0
+        try:
+            self._launch(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _launch(self, timeout: float) -> None:
+        assert self._dir is not None
         config_path = os.path.join(self._dir, "envoy.json")
         admin_path = os.path.join(self._dir, "admin.txt")
         with open(config_path, "w") as handle:
@@ -203,9 +225,8 @@ class Envoy:
                     self.admin_url = f"http://{address}"
             if self.admin_url and self._admin("/ready").strip() == "LIVE":
                 self.port = self.listener_ports()[0]
-                return self
+                return
             time.sleep(0.05)
-        self.stop()
         raise CalloutKitError(f"envoy did not become ready in {timeout}s: {self.log_tail()}")
 
     def _admin(self, path: str) -> str:
@@ -231,28 +252,37 @@ class Envoy:
         return out
 
     def log_tail(self, size: int = 4000) -> str:
-        """The end of Envoy's log (access log lines included)."""
+        """The end of Envoy's log (access log lines included), also after `stop`."""
+        return self._read_log(size).decode("utf-8", "replace")
+
+    def _read_log(self, size: int) -> bytes:
+        if self._dir is None:
+            return self._last_log[-size:]
         try:
             with open(self.log_path, "rb") as handle:
-                return handle.read()[-size:].decode("utf-8", "replace")
+                handle.seek(0, os.SEEK_END)
+                handle.seek(max(0, handle.tell() - size))
+                return handle.read()
         except OSError:
-            return ""
+            return b""
 
     def stop(self) -> None:
-        """SIGTERM Envoy's process group; SIGKILL it if it lingers."""
+        """SIGTERM Envoy's process group (SIGKILL it if it lingers), then remove its folder."""
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        if process is not None and process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        folder, self._last_log = self._dir, self._read_log(_KEPT_LOG)
+        self._dir = None
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def __enter__(self) -> Envoy:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-        shutil.rmtree(self._dir, ignore_errors=True)
