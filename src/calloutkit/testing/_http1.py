@@ -99,7 +99,8 @@ def http_request(url: str, method: str = "GET", headers: Sequence[tuple[str, str
     """Send one HTTP/1.1 request and read the whole response, trailers included.
 
     Give ``body`` for a content-length body, or ``chunks`` (and ``trailers``) for a chunked
-    one.
+    one. Informational answers (``100 Continue``, ``103 Early Hints``, ...) are skipped: the
+    result is the final response (or a ``101 Switching Protocols``, without a body).
 
     Example::
 
@@ -132,7 +133,12 @@ def http_request(url: str, method: str = "GET", headers: Sequence[tuple[str, str
         with conn.makefile("rb") as rfile:
             start, response_headers = read_head(rfile)
             status = int(start.split(" ", 2)[1])
-            if method == "HEAD" or status in (204, 304):
+            # 100 Continue, 102, 103 Early Hints...: informational, the answer follows. 101
+            # is the last HTTP/1.1 message on the connection.
+            while 100 <= status < 200 and status != 101:
+                start, response_headers = read_head(rfile)
+                status = int(start.split(" ", 2)[1])
+            if method == "HEAD" or status in (101, 204, 304):
                 return HttpResponse(status, response_headers, b"")
             data, response_trailers = read_body(rfile, response_headers, until_close=True)
             return HttpResponse(status, response_headers, data, response_trailers)
