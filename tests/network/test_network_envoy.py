@@ -7,6 +7,8 @@ import asyncio
 import logging
 import os
 import random
+import socket
+import threading
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -82,6 +84,30 @@ async def transform() -> AsyncIterator[Transform]:
     await server.start()
     yield server
     await server.stop(1)
+
+
+def test_echo_server_queues_a_burst_of_connections_it_has_not_accepted_yet():
+    # Envoy opens one upstream connection per client connection, all at once, while the echo
+    # thread may be waiting for the GIL: the kernel must queue them all, or the SYNs it drops
+    # come back after tcp_proxy's 1 s connect timeout and the client connections are reset.
+    with TcpEchoServer() as server:
+        accepting = threading.Event()
+        server._loop.call_soon_threadsafe(accepting.wait, 30)  # its thread stops accepting
+        sockets: list[socket.socket] = []
+        try:
+            for _ in range(200):  # the burst of the 200-connection test below
+                sockets.append(socket.create_connection(("127.0.0.1", server.port), 0.5))
+            accepting.set()
+            last = sockets[-1]
+            last.sendall(b"still served")
+            echoed = b""
+            while len(echoed) < 12 and (data := last.recv(12)):
+                echoed += data
+            assert echoed == b"still served"
+        finally:
+            accepting.set()
+            for sock in sockets:
+                sock.close()
 
 
 async def connect(envoy: Envoy) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

@@ -21,6 +21,7 @@ _NETWORK_EXT_PROC = ("type.googleapis.com/envoy.extensions.filters.network.ext_p
                      "NetworkExternalProcessor")
 _TCP_PROXY = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
 _FILE_LOG = "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog"
+_BACKLOG = 1024  # connections the echo server's kernel queue holds before it accepts them
 
 
 def network_envoy_config(callout_port: int, upstream_port: int, *,
@@ -104,7 +105,7 @@ class TcpEchoServer:
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        self._sock = socket.create_server((host, port), backlog=1024)
+        self._sock = socket.create_server((host, port), backlog=_BACKLOG)
         self.host = host
         self.port: int = self._sock.getsockname()[1]
         self._received: list[bytearray] = []
@@ -138,8 +139,12 @@ class TcpEchoServer:
 
     def start(self) -> TcpEchoServer:
         self._thread.start()
+        # start_server listens again on the socket it is given, with its own backlog (100
+        # unless told): Envoy opens one upstream connection per client connection at once,
+        # and a full accept queue drops SYNs until tcp_proxy's connect timeout fails them.
         self._server = asyncio.run_coroutine_threadsafe(
-            asyncio.start_server(self._handle, sock=self._sock), self._loop).result()
+            asyncio.start_server(self._handle, sock=self._sock, backlog=_BACKLOG),
+            self._loop).result()
         return self
 
     def stop(self) -> None:
