@@ -6,6 +6,7 @@ import contextlib
 import datetime
 import ipaddress
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -22,9 +23,30 @@ from cryptography.x509.oid import NameOID
 from calloutkit import BaseServer
 from calloutkit.testing import UpstreamServer
 
+_SUITE_TMP = pytest.StashKey[str]()
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOOPBACK = {"plaintext_address": ("127.0.0.1", 0), "disable_tls": True,
             "combined_health_check": True}
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Run the suite in a temporary folder of its own, so what it leaves there can be seen."""
+    folder = tempfile.mkdtemp(prefix="calloutkit-suite-")
+    session.config.stash[_SUITE_TMP] = folder
+    os.environ["TMPDIR"] = folder  # for the processes tests start
+    tempfile.tempdir = folder
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run when anything the suite started left a temporary folder behind."""
+    folder = session.config.stash.get(_SUITE_TMP, None)
+    if folder is None:
+        return
+    left = sorted(name for name in os.listdir(folder) if not name.startswith("pytest-of-"))
+    shutil.rmtree(folder, ignore_errors=True)
+    if left:
+        print(f"\ntemporary folders left behind by the suite: {', '.join(left)}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_report_header() -> str:

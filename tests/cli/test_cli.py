@@ -165,8 +165,10 @@ def test_server_file_that_raises_while_imported(tmp_path):
     (tmp_path / "server.py").write_text("settings = {}\nPORT = settings['port']\n")
     result = run_cli("serve", "server.py", cwd=str(tmp_path))
     assert result.returncode == 2
-    assert "calloutkit" not in result.stderr.replace("calloutkit: error:", "")
-    assert "importlib" not in result.stderr
+    # no frame of calloutkit's own (the folder the test runs in may be named anything)
+    stderr = result.stderr.replace(str(tmp_path), "<tmp>")
+    assert "calloutkit" not in stderr.replace("calloutkit: error:", "")
+    assert "importlib" not in stderr
     assert result.stderr.strip().splitlines()[-1] == (
         f"calloutkit: error: cannot import {tmp_path / 'server.py'}: KeyError: 'port'")
 

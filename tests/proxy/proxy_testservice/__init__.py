@@ -17,12 +17,10 @@ It records every call (`Seen`: method, metadata, deadline left, requests) and ev
 from __future__ import annotations
 
 import asyncio
-import atexit
 import dataclasses
 import functools
 import importlib
 import os
-import shutil
 import sys
 import tempfile
 from types import ModuleType
@@ -40,15 +38,19 @@ def protos() -> tuple[ModuleType, ModuleType]:
     """(proxytest_echo_pb2, proxytest_echo_pb2_grpc), compiled from the .proto for this run."""
     from grpc_tools import protoc
 
-    out = tempfile.mkdtemp(prefix="calloutkit-proxytest-")
-    atexit.register(shutil.rmtree, out, True)
-    code = protoc.main(["protoc", f"-I{HERE}", f"--python_out={out}", f"--grpc_python_out={out}",
-                        os.path.join(HERE, "proxytest_echo.proto")])
-    if code != 0:
-        raise RuntimeError(f"protoc failed with {code}")
-    sys.path.insert(0, out)
-    return (importlib.import_module("proxytest_echo_pb2"),
-            importlib.import_module("proxytest_echo_pb2_grpc"))
+    # The folder goes as soon as the modules are imported: backends run in processes that
+    # tests SIGKILL, where no atexit handler would remove it.
+    with tempfile.TemporaryDirectory(prefix="calloutkit-proxytest-") as out:
+        code = protoc.main(["protoc", f"-I{HERE}", f"--python_out={out}",
+                            f"--grpc_python_out={out}", os.path.join(HERE, "proxytest_echo.proto")])
+        if code != 0:
+            raise RuntimeError(f"protoc failed with {code}")
+        sys.path.insert(0, out)
+        try:
+            return (importlib.import_module("proxytest_echo_pb2"),
+                    importlib.import_module("proxytest_echo_pb2_grpc"))
+        finally:
+            sys.path.remove(out)
 
 
 async def assert_no_tasks_left(timeout: float = 2.0) -> None:
