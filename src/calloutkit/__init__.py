@@ -14,6 +14,7 @@ Example::
             return add_header_mutation(add=[("foo", "bar")])
 """
 
+from .cli import add_command_line_args
 from .extproc._context import CalloutContext
 from .extproc._server import CalloutServer
 from .extproc._tools import (
@@ -52,6 +53,7 @@ __all__ = [
     "ServerConfig",
     "TargetError",
     "add_body_mutation",
+    "add_command_line_args",
     "add_dynamic_metadata",
     "add_header_mutation",
     "add_trailer_mutation",
