@@ -13,6 +13,7 @@ import calloutkit.tyk
 def test_all_is_sorted_and_complete():
     assert calloutkit.__all__ == sorted(calloutkit.__all__)
     assert set(calloutkit.__all__) >= {
+        "AuthzContext", "AuthzRequest", "AuthzServer", "allow_request", "deny_request",
         "BaseServer", "CalloutContext", "CalloutServer", "ConfigError", "ErrorPolicy",
         "add_body_mutation", "add_header_mutation", "body_contains",
         "build_dynamic_forwarding_metadata", "deny_callout", "header_immediate_response",
