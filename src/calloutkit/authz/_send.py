@@ -63,9 +63,9 @@ def parse_checks(text: str, source: str = "<stdin>") -> list[apb.CheckRequest]:
     items = doc if isinstance(doc, list) else [doc]
     if not items:
         raise ConfigError(f"{source}: expected a request or a non-empty list of requests")
-    where = (lambda n: f"{source}: request {n}") if isinstance(doc, list) else (
-        lambda n: source)
-    return [_check(item, where(n)) for n, item in enumerate(items, 1)]
+    several = isinstance(doc, list)
+    return [_check(item, f"{source}: request {n}" if several else source)
+            for n, item in enumerate(items, 1)]
 
 
 def _strings(value: Any, where: str) -> dict[str, str]:
