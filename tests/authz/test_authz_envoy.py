@@ -11,8 +11,9 @@ import sys
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import grpc
 import pytest
-from conftest import LOOPBACK, read_until, spawn, stop_process
+from conftest import LOOPBACK, free_port, read_until, spawn, stop_process
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2 as apb
 from google.protobuf import wrappers_pb2
@@ -235,5 +236,34 @@ async def test_sigterm_lets_checks_in_flight_finish(upstream) -> None:
             assert await asyncio.to_thread(process.wait, 15) == 0
             # Gone: Envoy now answers its own error status (403 by default).
             assert (await get(envoy, "/after")).status == 403
+    finally:
+        stop_process(process)
+
+
+def _answering_pid(port: int) -> int:
+    with grpc.insecure_channel(f"127.0.0.1:{port}",
+                               options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+        check = channel.unary_unary("/envoy.service.auth.v3.Authorization/Check",
+                                    request_serializer=apb.CheckRequest.SerializeToString,
+                                    response_deserializer=apb.CheckResponse.FromString)
+        reply = check(apb.CheckRequest(), timeout=10)
+        return int(reply.ok_response.headers[0].header.value)
+
+
+def test_workers_share_the_port_and_health_answers() -> None:
+    port, health = free_port(), free_port()
+    process = spawn([sys.executable, "-m", "calloutkit", "serve",
+                     "tests/servers/pid_authz_server.py", "--plaintext_address",
+                     f"127.0.0.1:{port}", "--health_check_address", f"127.0.0.1:{health}",
+                     "--disable_tls", "--workers", "2"])
+    try:
+        read_until(process, "supervisor")
+        for _ in range(2):
+            read_until(process, "serving:")
+        pids = {_answering_pid(port) for _ in range(40)}
+        assert len(pids) == 2 and process.pid not in pids
+        assert http_request(f"http://127.0.0.1:{health}/").status == 200
+        os.kill(process.pid, signal.SIGTERM)
+        assert process.wait(20) == 0
     finally:
         stop_process(process)
