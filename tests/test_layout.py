@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "calloutkit"
-PROTOCOLS = ("extproc", "network", "tyk", "proxy")
+PROTOCOLS = ("extproc", "network", "authz", "tyk", "proxy")
 # Each folder and what it may import from calloutkit besides itself (the generated code and
 # the public top-level modules are leaves).
 MAY_IMPORT = {
@@ -15,9 +15,10 @@ MAY_IMPORT = {
     "client": {"runtime"},
     "extproc": {"runtime", "client"},
     "network": {"runtime", "client"},
+    "authz": {"runtime", "client"},
     "tyk": {"runtime", "_generated"},
     "proxy": {"runtime"},
-    "testing": {"runtime", "client", "extproc", "network"},
+    "testing": {"runtime", "client", "extproc", "network", "authz"},
     "cli": {"runtime", "client", *PROTOCOLS, "testing"},
 }
 

@@ -14,6 +14,7 @@ def test_all_is_sorted_and_complete():
     assert calloutkit.__all__ == sorted(calloutkit.__all__)
     # Exactly these: a name added or lost by accident fails here.
     assert set(calloutkit.__all__) == {
+        "AuthzContext", "AuthzRequest", "AuthzServer", "allow_request", "deny_request",
         "BaseServer", "CalloutContext", "CalloutError", "CalloutKitError", "CalloutServer",
         "ConfigError", "ErrorPolicy", "NetworkCalloutServer", "NetworkContext",
         "ProcessingResult", "ServerConfig", "TargetError", "add_body_mutation",

@@ -1,6 +1,7 @@
 """calloutkit: build, test and run API-gateway callout servers.
 
-Envoy ext_proc (`CalloutServer`), Envoy network ext_proc (`NetworkCalloutServer`), Tyk gRPC
+Envoy ext_proc (`CalloutServer`), Envoy network ext_proc (`NetworkCalloutServer`), Envoy
+ext_authz (`AuthzServer`), Tyk gRPC
 plugins (`calloutkit.tyk`) and a gRPC routing proxy (`calloutkit.proxy`), on one runtime
 (`BaseServer`) with TLS and plaintext listeners, truthful gRPC and HTTP health, graceful drain
 and a command line.
@@ -14,6 +15,9 @@ Example::
             return add_header_mutation(add=[("foo", "bar")])
 """
 
+from .authz._request import AuthzRequest
+from .authz._server import AuthzContext, AuthzServer
+from .authz._tools import allow_request, deny_request
 from .cli import add_command_line_args
 from .extproc._context import CalloutContext
 from .extproc._server import CalloutServer
@@ -40,6 +44,9 @@ from .runtime._server import BaseServer
 __version__ = "0.1.0"
 
 __all__ = [
+    "AuthzContext",
+    "AuthzRequest",
+    "AuthzServer",
     "BaseServer",
     "CalloutContext",
     "CalloutError",
@@ -57,9 +64,11 @@ __all__ = [
     "add_dynamic_metadata",
     "add_header_mutation",
     "add_trailer_mutation",
+    "allow_request",
     "body_contains",
     "build_dynamic_forwarding_metadata",
     "deny_callout",
+    "deny_request",
     "get_header",
     "header_dict",
     "header_immediate_response",

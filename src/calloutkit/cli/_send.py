@@ -5,13 +5,17 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..authz._send import run_authz_send
 from ..client._play import metadata_pair
 from ..extproc._send import run_send
 from ..network._send import run_network_send
 
 
 def _run(args: argparse.Namespace) -> int:
-    """``calloutkit send``: the L4 sender with ``--l4``, else the L7 one."""
+    """``calloutkit send``: the L4 sender with ``--l4``, ext_authz with ``--authz``, else
+    the L7 one."""
+    if args.authz:
+        return run_authz_send(args)
     if args.l4:
         return run_network_send(args)
     return run_send(args)
@@ -42,7 +46,11 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--pretty", action="store_true", help="indent each reply")
     parser.add_argument("--proto-json", action="store_true",
                         help="print the exact protobuf JSON (bytes in base64)")
-    parser.add_argument("--l4", action="store_true",
-                        help="FILE describes one TCP connection (read_data / write_data "
-                             "messages) for a network (L4) callout server")
+    kind = parser.add_mutually_exclusive_group()
+    kind.add_argument("--authz", action="store_true",
+                      help="FILE describes HTTP requests (method, path, headers, body, "
+                           "source, ...) to check with an ext_authz server, one reply each")
+    kind.add_argument("--l4", action="store_true",
+                      help="FILE describes one TCP connection (read_data / write_data "
+                           "messages) for a network (L4) callout server")
     parser.set_defaults(func=_run)

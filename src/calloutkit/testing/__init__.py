@@ -7,6 +7,8 @@
 - `CalloutClient`: drive a server in process, phase by phase, with no sockets and no Envoy;
   `http_headers`, `http_body`, `http_trailers` build the messages, `header_changes` and
   `header_removals` read a reply.
+- ext_authz: `authz_envoy_config` (HTTP listener -> ext_authz -> router -> upstream),
+  `AuthzClient` (ask an `AuthzServer` in process) and `check_request` (build a check).
 - L4: `network_envoy_config` (TCP listener -> network ext_proc -> tcp_proxy), `TcpEchoServer`
   (an upstream that sends every byte back), and `NetworkCalloutClient` (drive a
   `NetworkCalloutServer` in process; `data_request` builds a chunk).
@@ -25,6 +27,7 @@ Example::
 
 from __future__ import annotations
 
+from ..authz._client import AuthzClient, check_request
 from ..client._inprocess import StreamEnded
 from ..extproc._client import (
     CalloutClient,
@@ -37,11 +40,13 @@ from ..extproc._client import (
 )
 from ..network._client import NetworkCalloutClient, NetworkCalloutStream, data_request
 from ._envoy import Envoy, envoy_config, find_envoy
+from ._envoy_authz import authz_envoy_config
 from ._envoy_network import TcpEchoServer, network_envoy_config
 from ._http1 import HttpResponse, http_request
 from ._upstream import UpstreamServer
 
 __all__ = [
+    "AuthzClient",
     "CalloutClient",
     "CalloutStream",
     "Envoy",
@@ -51,6 +56,8 @@ __all__ = [
     "StreamEnded",
     "TcpEchoServer",
     "UpstreamServer",
+    "authz_envoy_config",
+    "check_request",
     "data_request",
     "envoy_config",
     "find_envoy",

@@ -1,0 +1,1 @@
+"""``extauthz``: calloutkit's ext_authz server under the documented callout API's names."""

@@ -1,0 +1,1 @@
+"""``extauthz.service``: aliases of calloutkit under the documented module names."""
