@@ -175,19 +175,19 @@ class CalloutServer(BaseServer):
         """`_dispatch` for a ``def process`` override, which runs in a pool thread (or inline).
 
         A ``def`` callback is called right here: this thread may block, and sending it to the
-        pool from a pool thread could wait for ever on a full pool. An ``async def`` one runs
-        on the server's loop while this thread waits for it.
+        pool from a pool thread could wait for ever on a full pool (from a ``@nonblocking``
+        process it runs on the loop, as the process itself does). An ``async def`` one runs on
+        the server's loop while this thread waits for it.
         """
         phase = request.WhichOneof("request")
-        callback = self._callbacks[phase] if phase is not None else None
-        if callback is None:
+        callback = None if phase is None else self._callbacks[phase]
+        if phase is None or callback is None:
             return self._dispatch_now(request, context)  # no callback: ready at once
-        message = getattr(request, phase)  # type: ignore[arg-type]
+        message = getattr(request, phase)
         if phase == "request_headers":
             context.request_headers = message
         elif phase == "response_headers":
             context.response_headers = message
-        assert phase is not None
         try:
             result = callback.func(message, context)
             if result.__class__ not in _REPLY_CLASSES and inspect.isawaitable(result):
@@ -413,7 +413,9 @@ class CalloutServer(BaseServer):
 
 def _as_message(reply: _Reply | None) -> pb.ProcessingResponse | None:
     # The on_* path frames its replies as wire bytes; a process() override sees messages.
-    return pb.ProcessingResponse.FromString(reply) if reply.__class__ is bytes else reply  # type: ignore[arg-type, return-value]
+    if isinstance(reply, bytes):
+        return pb.ProcessingResponse.FromString(reply)
+    return reply
 
 
 def _has_content_length(headers: pb.HttpHeaders | None) -> bool:
