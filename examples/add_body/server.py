@@ -40,5 +40,6 @@ class AddBodyServer(CalloutServer):
     @nonblocking
     def on_response_body(self, body: HttpBody, context: CalloutContext) -> BodyResponse | None:
         if not whole_or_last(body, context.response_body_mode):
-            return add_body_mutation(body=b"")  # drop earlier chunks; the last one carries it
+            # drop earlier chunks; the last one carries the new body
+            return add_body_mutation(clear_body=True)
         return add_body_mutation(body="new-body")

@@ -84,8 +84,14 @@ class StreamingTransformServer(CalloutServer):
     # bytes.replace on one chunk takes microseconds: run inline, no thread hop per chunk
     @nonblocking
     def on_request_body(self, body: HttpBody, context: CalloutContext) -> BodyResponse:
-        return add_body_mutation(body=context.state.request.feed(body.body, body.end_of_stream))
+        return _chunk(context.state.request.feed(body.body, body.end_of_stream))
 
     @nonblocking
     def on_response_body(self, body: HttpBody, context: CalloutContext) -> BodyResponse:
-        return add_body_mutation(body=context.state.response.feed(body.body, body.end_of_stream))
+        return _chunk(context.state.response.feed(body.body, body.end_of_stream))
+
+
+def _chunk(data: bytes) -> BodyResponse:
+    # Nothing final yet (all of it held back) must empty the chunk: an empty body alone
+    # would leave it unchanged.
+    return add_body_mutation(body=data, clear_body=not data)

@@ -171,7 +171,7 @@ async def test_state_lives_for_the_whole_stream_and_process_can_be_overridden():
         assert header_changes(reply) == {"x-phases": "request_headers,response_headers"}
 
 
-async def test_observability_mode_runs_callbacks_and_sends_nothing():
+async def test_observability_mode_runs_callbacks_and_replies_as_usual():
     seen = []
 
     class Watcher(CalloutServer):
@@ -179,9 +179,102 @@ async def test_observability_mode_runs_callbacks_and_sends_nothing():
             seen.append(context.request.observability_mode)
             return add_header_mutation(add=[("ignored", "1")])
 
+    # Envoy ignores these replies; a client written for the documented server waits for them
     async with client(Watcher, observability_mode=True).stream() as stream:
-        assert await stream.request_headers(REQUEST) is None
+        reply = await stream.request_headers(REQUEST)
+        assert header_changes(reply) == {"ignored": "1"}
+        assert (await stream.response_body(b"x")).WhichOneof("response") == "response_body"
     assert seen == [True]
+
+
+async def test_a_process_override_returning_none_gets_no_reply_in_process():
+    class Silent(CalloutServer):
+        async def process(self, callout, context):
+            return None
+
+    async with client(Silent, observability_mode=True).stream() as stream:
+        assert await stream.request_headers(REQUEST) is None
+
+
+async def test_a_request_without_a_phase_gets_an_empty_reply():
+    async with client(CalloutServer).stream() as stream:
+        assert await stream.send(pb.ProcessingRequest()) == pb.ProcessingResponse()
+        # the stream goes on
+        assert (await stream.request_headers(REQUEST)).HasField("request_headers")
+
+
+class SyncOverride(CalloutServer):
+    """A documented-API override: a plain def that uses the message super().process gives."""
+
+    def process(self, callout, context):
+        reply = super().process(callout, context)
+        assert isinstance(reply, pb.ProcessingResponse)
+        if reply.HasField("immediate_response"):
+            return reply
+        if callout.HasField("response_headers"):
+            option = reply.response_headers.response.header_mutation.set_headers.add()
+            option.header.key, option.header.raw_value = "x-from-process", b"1"
+        return reply
+
+    def on_request_headers(self, headers, context):  # called in process's own thread
+        return add_header_mutation(add=[("x-def", "1")])
+
+    async def on_response_headers(self, headers, context):  # run on the loop, waited for
+        await asyncio.sleep(0)
+        return add_header_mutation(add=[("x-async", "1")])
+
+
+async def test_a_def_process_override_gets_a_message_from_super():
+    async with client(SyncOverride).stream() as stream:
+        assert header_changes(await stream.request_headers(REQUEST)) == {"x-def": "1"}
+        reply = await stream.response_headers(RESPONSE)
+        assert header_changes(reply) == {"x-async": "1", "x-from-process": "1"}
+        assert await stream.send(pb.ProcessingRequest()) == pb.ProcessingResponse()
+
+
+async def test_an_inline_def_process_cannot_wait_for_an_async_callback(caplog):
+    from calloutkit import nonblocking
+
+    class Inline(SyncOverride):
+        process = nonblocking(SyncOverride.process)
+
+    async with client(Inline).stream() as stream:
+        assert header_changes(await stream.request_headers(REQUEST)) == {"x-def": "1"}
+        reply = await stream.response_headers(RESPONSE)  # would deadlock the loop: fails closed
+        assert reply.immediate_response.status.code == 500
+    assert "make process async def" in caplog.text
+
+
+async def test_a_def_process_override_fails_closed_when_a_callback_raises():
+    class SyncOverride(CalloutServer):
+        def process(self, callout, context):
+            return super().process(callout, context)
+
+        def on_request_headers(self, headers, context):
+            raise ValueError("secret detail")
+
+    async with client(SyncOverride).stream() as stream:
+        reply = await stream.request_headers(REQUEST)
+        assert reply.immediate_response.status.code == 500
+        assert b"secret" not in reply.immediate_response.body
+
+
+async def test_the_context_takes_attributes_of_its_own_for_the_stream():
+    class Remembers(CalloutServer):
+        def on_request_headers(self, headers, context):
+            assert getattr(context, "_mine", None) is None
+            context._mine = ["request"]
+            return None
+
+        def on_response_headers(self, headers, context):
+            context._mine.append("response")
+            return add_header_mutation(add=[("x-mine", ",".join(context._mine))])
+
+    for _ in range(2):  # each stream starts without it
+        async with client(Remembers).stream() as stream:
+            await stream.request_headers(REQUEST)
+            reply = await stream.response_headers(RESPONSE)
+            assert header_changes(reply) == {"x-mine": "request,response"}
 
 
 def test_unknown_error_policy_is_a_config_error():

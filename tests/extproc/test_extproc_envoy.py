@@ -182,7 +182,7 @@ async def test_raising_callback_fails_closed_without_leaking(callout, envoy_for,
     assert again.header("x-resp-added") == "yes"
 
 
-async def test_observability_mode_gets_no_reply_and_changes_nothing(callout, envoy_for):
+async def test_observability_mode_replies_are_ignored_and_change_nothing(callout, envoy_for):
     envoy = envoy_for(callout, observability_mode=True)
     callout.seen.clear()
     response = await request(envoy.url + "/observed")
@@ -271,3 +271,66 @@ def test_an_envoy_never_ready_is_stopped_and_leaves_nothing_behind(upstream, tem
         envoy.start(timeout=0)  # started, then given no time at all
     assert processes_using(temp_dir) == []
     assert os.listdir(temp_dir) == []
+
+
+# -- code written for the documented callout API, behind Envoy ---------------------------------
+
+class DocumentedStyle(CalloutServer):
+    """A plain def process() that edits what super().process() gives, mixed-case header keys,
+    and an empty body that must leave the body alone."""
+
+    def process(self, callout, context):
+        resp = super().process(callout, context)
+        if resp.HasField("immediate_response"):
+            return resp
+        if callout.HasField("response_headers"):
+            option = resp.response_headers.response.header_mutation.set_headers.add()
+            option.header.key, option.header.raw_value = "X-From-Process", b"yes"
+        return resp
+
+    def on_request_headers(self, headers, context):
+        if get_header(headers, ":path", "").startswith("/deny"):
+            return header_immediate_response(403, headers=[("X-Denied-By", "calloutkit")])
+        return add_header_mutation(add=[("X-Req-Mixed", "yes")], remove=["X-Remove-Me"])
+
+    async def on_response_headers(self, headers, context):
+        return add_header_mutation(add=[("X-Resp-Mixed", "yes")])
+
+    def on_request_body(self, body, context):
+        return add_body_mutation(body="")  # documented: changes nothing
+
+    def on_response_body(self, body, context):
+        return add_body_mutation(body=b"", clear_body=True)
+
+
+@pytest.fixture
+async def documented_style() -> AsyncIterator[DocumentedStyle]:
+    server = DocumentedStyle(**LOOPBACK)
+    await server.start()
+    yield server
+    await server.stop(1)
+
+
+async def test_a_def_process_override_calling_super_works_behind_envoy(documented_style,
+                                                                       envoy_for):
+    envoy = envoy_for(documented_style)
+    response = await request(envoy.url + "/hello", headers=[("x-remove-me", "1")])
+    assert response.status == 200, envoy.log_tail()
+    assert response.header("x-from-process") == "yes"
+    assert response.header("x-resp-mixed") == "yes"  # Envoy lower-cases the keys we kept
+    seen = json.loads(response.body)["headers"]
+    assert seen["x-req-mixed"] == "yes"
+    assert "x-remove-me" not in seen
+    denied = await request(envoy.url + "/deny")
+    assert denied.status == 403
+    assert denied.header("x-denied-by") == "calloutkit"
+
+
+async def test_an_empty_body_mutation_leaves_the_body_and_clear_body_empties_it(
+        documented_style, envoy_for, upstream):
+    envoy = envoy_for(documented_style, processing_mode={"request_body_mode": "BUFFERED",
+                                                         "response_body_mode": "BUFFERED"})
+    response = await request(envoy.url + "/upload", "POST", body=b"keep me")
+    assert response.status == 200, envoy.log_tail()
+    assert upstream.requests[-1]["body"] == "keep me"
+    assert response.body == b""

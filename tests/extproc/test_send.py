@@ -255,7 +255,7 @@ def test_bytes_that_are_not_text_stay_base64() -> None:
         "body_base64": "//4="}
 
 
-async def test_observability_mode_sends_without_waiting_for_answers() -> None:
+async def test_observability_mode_sends_without_waiting_and_prints_the_replies() -> None:
     server = load_example("add_header")(**LOOPBACK)
     await server.start()
     try:
@@ -267,4 +267,11 @@ async def test_observability_mode_sends_without_waiting_for_answers() -> None:
                                  out=out, err=err)
     finally:
         await server.stop(grace=1)
-    assert (code, out.getvalue(), err.getvalue()) == (0, "", "")
+    # the server answers as usual (Envoy ignores those answers); send prints them
+    replies = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert (code, err.getvalue()) == (0, "")
+    assert [next(iter(r)) for r in replies] == ["request_headers", "response_headers"]
+    changed = [o["header"]["key"]
+               for o in replies[1]["response_headers"]["response"]["header_mutation"][
+                   "set_headers"]]
+    assert changed == ["header-response"]

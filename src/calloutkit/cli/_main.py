@@ -35,6 +35,18 @@ def _address(value: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(str(exc).removeprefix("address: ")) from None
 
 
+def _addr(value: str) -> tuple[str, int] | None:
+    """The documented argparse type of an address flag: ``""`` is None (not given).
+
+    A value without a port is an error here (one line, exit 2) where the documented helper
+    returned None, which silently put the listener back on its default address.
+
+    >>> _addr("127.0.0.1:9000"), _addr("")
+    (('127.0.0.1', 9000), None)
+    """
+    return _address(value) if value else None
+
+
 _TYPES: dict[str, Callable[[str], Any]] = {"address": _address, "int": int, "float": float,
                                            "str": str, "path": str}
 

@@ -78,16 +78,20 @@ class InProcessStream:
             await self._outbox.put(StreamEnded(grpc.StatusCode.OK, "stream ended"))
 
     async def _exchange(self, request: Any, expect_reply: bool = True) -> Any:
-        """Send one request; return its reply, or None once it was handled without one."""
+        """Send one request; return its reply.
+
+        ``expect_reply=False`` also returns None when the server handled the request without
+        replying: the server asks for the next message only after it has queued its reply,
+        so an empty outbox by then means there is none.
+        """
         self._consumed.clear()
         await self._inbox.put(request)
         if not expect_reply:
             waiter = asyncio.ensure_future(self._consumed.wait())
             await asyncio.wait([waiter, self._task], return_when=asyncio.FIRST_COMPLETED)
             waiter.cancel()
-            if self._task.done() and not self._outbox.empty():
-                self._raise(self._outbox.get_nowait())
-            return None
+            if self._outbox.empty():
+                return None
         return self._raise(await self._outbox.get())
 
     @staticmethod

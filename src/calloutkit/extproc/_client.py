@@ -56,7 +56,10 @@ def http_trailers(trailers: HeaderInput) -> pb.HttpTrailers:
 
 
 def header_changes(response: pb.ProcessingResponse) -> dict[str, str]:
-    """The headers a reply sets, as ``{name: value}``, whichever phase it answers.
+    """The headers a reply sets, as ``{lower-case name: value}``, whichever phase it answers.
+
+    Names are lower-cased as Envoy does on the wire: a reply built with ``"X-Seen"`` and one
+    built with ``"x-seen"`` change the same header.
 
     >>> header_changes(pb.ProcessingResponse())
     {}
@@ -64,14 +67,14 @@ def header_changes(response: pb.ProcessingResponse) -> dict[str, str]:
     mutation = _mutation(response)
     if mutation is None:
         return {}
-    return {o.header.key: o.header.raw_value.decode("utf-8", "replace")
+    return {o.header.key.lower(): o.header.raw_value.decode("utf-8", "replace")
             for o in mutation.set_headers}
 
 
 def header_removals(response: pb.ProcessingResponse) -> list[str]:
-    """The header names a reply removes."""
+    """The header names a reply removes, lower-cased as Envoy does."""
     mutation = _mutation(response)
-    return list(mutation.remove_headers) if mutation is not None else []
+    return [k.lower() for k in mutation.remove_headers] if mutation is not None else []
 
 
 def _mutation(response: pb.ProcessingResponse) -> Any:
@@ -89,8 +92,9 @@ def _mutation(response: pb.ProcessingResponse) -> Any:
 class CalloutStream(InProcessStream):
     """One ext_proc stream (one HTTP request) against an in-process server.
 
-    Each phase method sends one message and returns the server's reply (None in observability
-    mode). Raises `StreamEnded` when the server ends the stream with a status.
+    Each phase method sends one message and returns the server's reply (in observability
+    mode too, though Envoy ignores it then; None only when a `process` override returned
+    None). Raises `StreamEnded` when the server ends the stream with a status.
     """
 
     def __init__(self, server: CalloutServer, config: pb.ProtocolConfiguration,
@@ -108,7 +112,7 @@ class CalloutStream(InProcessStream):
                 request.protocol_config.CopyFrom(self._config)
         if self._observability:
             request.observability_mode = True
-        response = await self._exchange(request, expect_reply=not self._observability)
+        response = await self._exchange(request, expect_reply=False)
         # The server's stream yields each reply serialized, as it goes on the wire.
         return None if response is None else pb.ProcessingResponse.FromString(response)
 

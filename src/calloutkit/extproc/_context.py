@@ -30,6 +30,8 @@ class CalloutContext:
       ``mode_override`` this server sent (Envoy does not repeat ``protocol_config``).
 
     Anything else (``invocation_metadata()``, ``peer()``, ...) is passed to the gRPC context.
+    A callback may set attributes of its own (``context._seen = True``); they live as long as
+    the stream.
 
     Example::
 
@@ -38,7 +40,10 @@ class CalloutContext:
             tenant = context.request.metadata_context.filter_metadata["tenant"]
     """
 
-    __slots__ = ("_grpc", "_strip_response_length", "request",
+    # The slots keep the attributes calloutkit sets on every stream fast; ``__dict__`` lets
+    # a callback add its own (``context._my_state = ...``), as code written for a plain gRPC
+    # context does. The dict is only made when the first such attribute is set.
+    __slots__ = ("__dict__", "_grpc", "_strip_response_length", "request",
                  "request_body_mode", "request_headers", "response_body_mode",
                  "response_headers", "state")
 

@@ -9,9 +9,11 @@ fixing up what Envoy would otherwise reject: content-length after a BUFFERED bod
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import logging
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from types import CoroutineType
 from typing import Any, TypeAlias
@@ -65,6 +67,7 @@ _TAG = {phase: bytes((pb.ProcessingResponse.DESCRIPTOR.fields_by_name[phase].num
         for phase in _PHASES}
 _EMPTY_REPLY = {phase: tag + b"\x00" for phase, tag in _TAG.items()}
 _SMALL_LENGTH = [bytes((n,)) for n in range(0x80)]
+_NO_PHASE_REPLY = b""  # an empty ProcessingResponse, on the wire
 
 
 def _frame(tag: bytes, message: Any) -> bytes:
@@ -144,17 +147,74 @@ class CalloutServer(BaseServer):
         """Make the per-stream state object (``context.state``); a SimpleNamespace by default."""
         return None
 
-    async def process(self, callout: pb.ProcessingRequest,
-                      context: CalloutContext) -> pb.ProcessingResponse | None:
+    def process(self, callout: pb.ProcessingRequest, context: CalloutContext) -> Any:
         """Answer one `ProcessingRequest`: by default, dispatch to the ``on_*`` callbacks.
 
         Override it (``def`` or ``async def``) to work on raw messages; return the
         `ProcessingResponse` to send. Returning None sends nothing for that message, which
         Envoy only tolerates in observability mode.
+
+        ``super().process(callout, context)`` gives the `ProcessingResponse` the callbacks
+        answer: directly when called from a ``def`` override, as an awaitable when called
+        from an ``async def`` one (``await super().process(...)``).
         """
-        reply = await self._dispatch(callout, context)
-        # The on_* path frames its replies as wire bytes; a process() override sees messages.
-        return pb.ProcessingResponse.FromString(reply) if isinstance(reply, bytes) else reply
+        # The documented API's process is a plain def, and code written for it calls
+        # super().process() and uses the message; calloutkit's async overrides await it.
+        # Which of the two called is known from the calling frame, for free.
+        caller = sys._getframe(1).f_code.co_flags
+        if caller & inspect.CO_COROUTINE:
+            return self._process_async(callout, context)
+        return _as_message(self._dispatch_blocking(callout, context))
+
+    async def _process_async(self, callout: pb.ProcessingRequest,
+                             context: CalloutContext) -> pb.ProcessingResponse | None:
+        return _as_message(await self._dispatch(callout, context))
+
+    def _dispatch_blocking(self, request: pb.ProcessingRequest,
+                           context: CalloutContext) -> _Reply | None:
+        """`_dispatch` for a ``def process`` override, which runs in a pool thread (or inline).
+
+        A ``def`` callback is called right here: this thread may block, and sending it to the
+        pool from a pool thread could wait for ever on a full pool (from a ``@nonblocking``
+        process it runs on the loop, as the process itself does). An ``async def`` one runs on
+        the server's loop while this thread waits for it.
+        """
+        phase = request.WhichOneof("request")
+        callback = None if phase is None else self._callbacks[phase]
+        if phase is None or callback is None:
+            return self._dispatch_now(request, context)  # no callback: ready at once
+        message = getattr(request, phase)
+        if phase == "request_headers":
+            context.request_headers = message
+        elif phase == "response_headers":
+            context.response_headers = message
+        try:
+            result = callback.func(message, context)
+            if result.__class__ not in _REPLY_CLASSES and inspect.isawaitable(result):
+                result = self._wait(result)
+            return self._reply(phase, result, request, context)
+        except StreamAbort:
+            raise
+        except Exception:
+            return self._callback_failed(phase, request, context)
+
+    def _wait(self, pending: Awaitable[Any]) -> Any:
+        async def wait() -> Any:
+            return await pending
+
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:
+            if inspect.iscoroutine(pending):
+                pending.close()
+            raise CalloutError("an async on_* callback cannot be waited for from a "
+                               "@nonblocking def process(); make process async def")
+        loop = self._loop
+        if loop is not None and loop.is_running():
+            return asyncio.run_coroutine_threadsafe(wait(), loop).result()
+        return asyncio.run(wait())  # a server that is not running: called from plain code
 
     # -- the stream ---------------------------------------------------------------------------
 
@@ -184,12 +244,9 @@ class CalloutServer(BaseServer):
             context.response_body_mode = config.response_body_mode
         if self._custom_process is not None:
             return self._run_process(request, context)
-        if request.observability_mode:
-            return self._observe(request, context)
+        # In observability mode too: Envoy reads no reply then, but a client written for the
+        # documented server waits for one.
         return self._dispatch_now(request, context)
-
-    async def _observe(self, request: pb.ProcessingRequest, context: CalloutContext) -> None:
-        await self._dispatch(request, context)  # Envoy reads no reply in observability mode
 
     async def _run_process(self, request: pb.ProcessingRequest,
                            context: CalloutContext) -> _Reply | None:
@@ -204,7 +261,7 @@ class CalloutServer(BaseServer):
         except Exception:
             logger.exception("process() failed")
             response = self._on_error(request.WhichOneof("request"), request, context)
-        return None if request.observability_mode else response
+        return response
 
     async def _dispatch(self, request: pb.ProcessingRequest,
                         context: CalloutContext) -> _Reply | None:
@@ -217,8 +274,10 @@ class CalloutServer(BaseServer):
                       ) -> _Reply | Coroutine[Any, Any, Any] | None:
         phase = request.WhichOneof("request")
         if phase is None:
-            logger.warning("ProcessingRequest without a phase; ignoring it")
-            return None
+            # Nothing to dispatch; an empty reply, as the documented server gives, keeps a
+            # client that waits for one answer per message going.
+            logger.warning("ProcessingRequest without a phase; answering it empty")
+            return _NO_PHASE_REPLY
         message = getattr(request, phase)
         if phase == "request_headers":
             context.request_headers = message
@@ -350,6 +409,13 @@ class CalloutServer(BaseServer):
                 and context.response_body_mode not in _STREAMING):
             context._strip_response_length = True
         context.response_body_mode = override.response_body_mode
+
+
+def _as_message(reply: _Reply | None) -> pb.ProcessingResponse | None:
+    # The on_* path frames its replies as wire bytes; a process() override sees messages.
+    if isinstance(reply, bytes):
+        return pb.ProcessingResponse.FromString(reply)
+    return reply
 
 
 def _has_content_length(headers: pb.HttpHeaders | None) -> bool:

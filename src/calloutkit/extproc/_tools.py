@@ -74,12 +74,15 @@ def header_mutation(add: Iterable[tuple[str, str | bytes]] | None = None,
 
 
 def _fill_mutation(mutation: pb.HeaderMutation, add: Iterable[tuple[str, str | bytes]] | None,
-                   remove: Iterable[str] | None, append_action: int | None) -> None:
+                   remove: Iterable[str] | None, append_action: int | None,
+                   lower: bool = True) -> None:
     # Written in place: building a HeaderMutation and copying it in costs a copy per reply.
+    # ``lower=False`` keeps keys as given, as the documented helpers do, so code comparing
+    # their replies with its own messages sees the same keys; Envoy lower-cases them anyway.
     options = mutation.set_headers
     for key, value in add or ():
         header = options.add().header
-        header.key = key.lower()
+        header.key = key.lower() if lower else key
         header.raw_value = value if isinstance(value, bytes) else str(value).encode()
     if append_action is not None:
         for option in options:
@@ -87,7 +90,7 @@ def _fill_mutation(mutation: pb.HeaderMutation, add: Iterable[tuple[str, str | b
             if append_action == HeaderAppendAction.APPEND_IF_EXISTS_OR_ADD:
                 option.append.value = True
     if remove:
-        mutation.remove_headers.extend(k.lower() for k in remove)
+        mutation.remove_headers.extend(k.lower() if lower else k for k in remove)
 
 
 def add_header_mutation(add: list[tuple[str, str]] | None = None,
@@ -98,13 +101,15 @@ def add_header_mutation(add: list[tuple[str, str]] | None = None,
 
     ``append_action`` is a `HeaderValueOption.HeaderAppendAction`. Left out, Envoy replaces
     a header that is already there; ``APPEND_IF_EXISTS_OR_ADD`` keeps it and adds a second
-    value (Envoy 1.40's ext_proc treats every other action as a replace).
+    value (Envoy 1.40's ext_proc treats every other action as a replace). Keys are kept as
+    given (Envoy lower-cases them).
 
-    >>> add_header_mutation(add=[("foo", "bar")]).response.header_mutation.set_headers[0].header.key
-    'foo'
+    >>> reply = add_header_mutation(add=[("X-Foo", "bar")])
+    >>> reply.response.header_mutation.set_headers[0].header.key
+    'X-Foo'
     """
     response = pb.HeadersResponse()
-    _fill_mutation(response.response.header_mutation, add, remove, append_action)
+    _fill_mutation(response.response.header_mutation, add, remove, append_action, lower=False)
     if clear_route_cache:
         response.response.clear_route_cache = True
     return response
@@ -127,13 +132,17 @@ def add_body_mutation(body: str | bytes | None = None, clear_body: bool = False,
                       clear_route_cache: bool = False) -> pb.BodyResponse:
     """A `BodyResponse` that replaces the body (or this chunk) or clears it.
 
-    In BUFFERED mode the server fixes ``content-length`` for you when the length changes.
+    As documented, an empty ``body`` (``""``, ``b""`` or None) with ``clear_body`` left
+    False leaves the body as it is; ``clear_body=True`` empties it. In BUFFERED mode the
+    server fixes ``content-length`` for you when the length changes.
 
     >>> add_body_mutation(body="new").response.body_mutation.body
     b'new'
+    >>> add_body_mutation(body="").response.HasField("body_mutation")
+    False
     """
     response = pb.BodyResponse()
-    if body is not None:
+    if body:
         response.response.body_mutation.body = _raw(body)
     elif clear_body:
         response.response.body_mutation.clear_body = True
@@ -149,14 +158,15 @@ def header_immediate_response(code: int, headers: list[tuple[str, str]] | None =
     """An `ImmediateResponse`: Envoy answers the client with it; the upstream is not called.
 
     ``code`` is an HTTP status (an int or `envoy.type.v3.StatusCode`); ``details`` shows up
-    in Envoy's ``%RESPONSE_CODE_DETAILS%``.
+    in Envoy's ``%RESPONSE_CODE_DETAILS%``. Header keys are kept as given (Envoy lower-cases
+    them).
 
     >>> header_immediate_response(403, body="denied\\n").status.code
     403
     """
     response = pb.ImmediateResponse()
     response.status.code = int(code)  # type: ignore[assignment]
-    _fill_mutation(response.headers, headers, None, append_action)
+    _fill_mutation(response.headers, headers, None, append_action, lower=False)
     if body is not None:
         response.body = _raw(body)
     if details:

@@ -1,8 +1,9 @@
 """HTTP health checks: a tiny HTTP/1.1 responder that tells the truth about the server.
 
-GET and HEAD answer 200 while the server is serving and 503 from the moment it starts draining;
-anything else is 405. Load balancers probe this; it runs on the server's own event loop, so a
-stalled loop shows up as a failed probe, which is also the truth.
+GET and HEAD answer 200 with an empty body while the server is serving (as the documented
+callout server does: some probes compare the body), and 503 ``draining`` from the moment it
+starts draining; anything else is 405. Load balancers probe this; it runs on the server's own
+event loop, so a stalled loop shows up as a failed probe, which is also the truth.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class HttpHealthServer:
             if method not in ("GET", "HEAD"):
                 status, body = "405 Method Not Allowed", b"method not allowed\n"
             elif self._is_serving():
-                status, body = "200 OK", b"ok\n"
+                status, body = "200 OK", b""
             else:
                 status, body = "503 Service Unavailable", b"draining\n"
             allow = "Allow: GET, HEAD\r\n" if status.startswith("405") else ""

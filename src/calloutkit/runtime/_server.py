@@ -213,6 +213,46 @@ class BaseServer(abc.ABC):
         self.secure_port: int | None = None
         self.plaintext_port: int | None = None
         self.health_check_port: int | None = None
+        # The documented server's flag, polled by code that runs `run()` in a thread: True
+        # once every listener is serving, and it stays True (as there) after a stop.
+        self._setup = False
+
+    # -- the documented server's attributes ---------------------------------------------------
+    # Read-only views of the frozen config: a listener cannot move once the server is built.
+    # Each is the address as configured, None when that listener is off; with port 0 the port
+    # the kernel chose is in `secure_port`, `plaintext_port` or `health_check_port` once
+    # started.
+
+    @property
+    def secure_address(self) -> tuple[str, int] | None:
+        """The TLS gRPC listener ``(host, port)`` as configured; None when TLS is off."""
+        return self.config.secure_address
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """The documented name of `secure_address`."""
+        return self.config.secure_address
+
+    @property
+    def plaintext_address(self) -> tuple[str, int] | None:
+        """The plaintext (h2c) gRPC listener ``(host, port)``; None when disabled."""
+        return self.config.plaintext_address
+
+    @property
+    def health_check_address(self) -> tuple[str, int] | None:
+        """The HTTP health listener ``(host, port)``; None with ``combined_health_check``."""
+        return self.config.health_check_address
+
+    @property
+    def _health_check_server(self) -> HttpHealthServer | None:
+        # The documented server's name for its HTTP health server: None until started, and
+        # always None with combined_health_check.
+        return self._http_health
+
+    @property
+    def _callout_server(self) -> grpc.aio.Server | None:
+        # The documented server's name for its gRPC server: None until started.
+        return self._grpc
 
     # -- what a server kind provides -----------------------------------------------------
 
@@ -374,6 +414,7 @@ class BaseServer(abc.ABC):
         for name in ["", *names]:
             await self._health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._serving = True
+        self._setup = True
         logger.info("%s serving: %s (%s loop)", type(self).__name__,
                     ", ".join(self._listening()), _loop_name(asyncio.get_running_loop()))
         if self._shutdown_requested:
