@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
+
 import pytest
-from conftest import run_cli
+from conftest import read_until, run_cli, spawn, stop_process
 
 from calloutkit import TargetError
 from calloutkit._cli import add_command_line_args
@@ -79,3 +83,19 @@ def test_load_target_forms(tmp_path):
     assert load_target(str(folder)).__name__ == "Mine"
     assert load_target(str(folder / "server.py") + ":Mine").__name__ == "Mine"
     assert load_target("tests/servers/slow_server.py").__name__ == "SlowServer"
+
+
+def test_flags_win_over_environment_variables():
+    process = spawn([sys.executable, "-m", "calloutkit._cli", "serve",
+                     "tests/servers/slow_server.py", "--plaintext_address", "127.0.0.1:0",
+                     "--combined_health_check", "--grace_period", "0.5"],
+                    env={"CALLOUTKIT_GRACE_PERIOD": "7", "CALLOUTKIT_DISABLE_TLS": "1",
+                         "CALLOUTKIT_PLAINTEXT_ADDRESS": "127.0.0.1:1"})
+    try:
+        line = read_until(process, "serving:")
+        assert line.split("grpc 127.0.0.1:")[1].split()[0].rstrip(",") != "1"
+        os.kill(process.pid, signal.SIGTERM)
+        assert "grace 0.5s" in read_until(process, "draining:")
+        assert process.wait(10) == 0
+    finally:
+        stop_process(process)
