@@ -180,3 +180,15 @@ def test_serve_runs_an_example_and_dispatch_talks_to_it() -> None:
         assert "ce6528c0af7b43206b9cf736a5e5d1b4" in logged
     finally:
         stop_process(process)
+
+
+@pytest.mark.parametrize("command", [["dispatch", "--name", "x"],
+                                     ["dispatch-event", "--type", "AuthFailure"]])
+@pytest.mark.parametrize("target", ["127.0.0.1", "tcp://localhost"])
+def test_a_target_without_a_port_is_one_line_exit_2(command: list[str], target: str) -> None:
+    # gRPC alone would dial port 443 and report UNAVAILABLE after the timeout.
+    result = run_cli("tyk", command[0], "--target", target, *command[1:], timeout=30)
+    assert result.returncode == 2
+    host = target.removeprefix("tcp://")
+    assert result.stderr.splitlines() == [
+        f"calloutkit: error: --target: address {host!r} has no port (expected HOST:PORT)"]

@@ -23,6 +23,7 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
+from .._config import format_address, parse_address
 from .._exceptions import ConfigError
 from ._proto import (
     DISPATCH_EVENT_METHOD,
@@ -141,8 +142,14 @@ def _config_text(value: str) -> str:
     return text
 
 
+def _target(value: str) -> str:
+    """``HOST:PORT`` (``tcp://`` as in Tyk's coprocess_grpc_server setting) or a one-line error;
+    gRPC would otherwise take a bare host to mean port 443."""
+    return format_address(parse_address(value.removeprefix("tcp://"), "--target"))
+
+
 def _call(target: str, method: str, data: bytes, timeout: float) -> bytes:
-    with grpc.insecure_channel(target.removeprefix("tcp://")) as channel:
+    with grpc.insecure_channel(target) as channel:
         return bytes(channel.unary_unary(method)(data, timeout=timeout))
 
 
@@ -155,11 +162,12 @@ def _failed(what: str, exc: grpc.RpcError) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    target = _target(args.target)
     obj = _build_object(args)
     if args.show_request:
         print(json_format.MessageToJson(obj, indent=2), file=sys.stderr)
     try:
-        answer = _call(args.target, DISPATCH_METHOD, obj.SerializeToString(), args.timeout)
+        answer = _call(target, DISPATCH_METHOD, obj.SerializeToString(), args.timeout)
     except grpc.RpcError as exc:
         return _failed("Dispatch", exc)
     print(json_format.MessageToJson(Object.FromString(answer), indent=2))
@@ -167,6 +175,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _dispatch_event(args: argparse.Namespace) -> int:
+    target = _target(args.target)
     if args.payload is not None:
         if args.type is not None or args.meta:
             raise ConfigError("--type and --meta cannot be combined with --payload")
@@ -189,7 +198,7 @@ def _dispatch_event(args: argparse.Namespace) -> int:
         payload = event_payload(args.type, meta, handler_name=args.handler_name or "",
                                 api_id=args.api_id or "", org_id=args.org_id or "")
     try:
-        answer = _call(args.target, DISPATCH_EVENT_METHOD,
+        answer = _call(target, DISPATCH_EVENT_METHOD,
                        Event(payload=payload).SerializeToString(), args.timeout)
     except grpc.RpcError as exc:
         return _failed("DispatchEvent", exc)
