@@ -192,3 +192,14 @@ def test_a_target_without_a_port_is_one_line_exit_2(command: list[str], target: 
     host = target.removeprefix("tcp://")
     assert result.stderr.splitlines() == [
         f"calloutkit: error: --target: address {host!r} has no port (expected HOST:PORT)"]
+
+
+@pytest.mark.parametrize("command", [["tyk"], ["tyk", "dispatch"], ["tyk", "dispatch-event"]])
+def test_help_is_plain_text_without_rest_markup(command: list[str]) -> None:
+    result = run_cli(*command, "--help")
+    assert result.returncode == 0, result.stderr
+    assert f"usage: calloutkit {' '.join(command)}" in result.stdout
+    for markup in ("``", ":class:", ":func:", ":meth:", "::\n", ".. "):
+        assert markup not in result.stdout, f"{markup!r} in:\n{result.stdout}"
+    if command == ["tyk"]:
+        assert "calloutkit tyk dispatch --object" in result.stdout  # the examples stay

@@ -37,6 +37,17 @@ from ._proto import (
 from .testing import HttpRequest, HttpResponse, event_payload, request_object, response_object
 
 DEFAULT_TARGET = "127.0.0.1:8080"
+_DESCRIPTION = """\
+Call a plugin server the way Tyk Gateway does (dispatch, dispatch-event) and
+print what it answered as JSON."""
+_EPILOG = """\
+examples:
+  calloutkit tyk dispatch --hook pre --name MyPreRequestPlugin --api-id 1 \\
+      --method GET --url '/pet/findByStatus?status=available' --header 'Accept: */*'
+  calloutkit tyk dispatch --object petstore-response.json
+  calloutkit tyk dispatch-event --type AuthFailure --handler-name audit --api-id 1
+
+exit codes: 0 answered, 1 the call failed with a gRPC status, 2 bad input."""
 _REQUEST_FLAGS = ("method", "url", "header", "body", "status", "response_header",
                   "response_body", "session", "raw_body_only")
 
@@ -216,8 +227,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 def add_parser(subparsers: Any) -> None:
     """Add ``calloutkit tyk`` with its ``dispatch`` and ``dispatch-event`` commands."""
+    # The module docstring is reST for the reference docs; --help gets plain text.
     tyk = subparsers.add_parser("tyk", help="call a Tyk plugin server as the gateway does",
-                                description=__doc__.split("\n\n")[0])
+                                description=_DESCRIPTION, epilog=_EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = tyk.add_subparsers(dest="tyk_command", metavar="COMMAND", required=True,
                                   parser_class=type(tyk))
 
