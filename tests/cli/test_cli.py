@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 
@@ -200,3 +201,19 @@ def test_syntax_error_names_the_file_it_is_in(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"calloutkit: error: {tmp_path / 'helper.py'}:1: syntax error: '(' was never closed"]
+
+
+def test_flags_win_over_environment_variables():
+    process = spawn([sys.executable, "-m", "calloutkit", "serve",
+                     "tests/servers/slow_server.py", "--plaintext_address", "127.0.0.1:0",
+                     "--combined_health_check", "--grace_period", "0.5"],
+                    env={"CALLOUTKIT_GRACE_PERIOD": "7", "CALLOUTKIT_DISABLE_TLS": "1",
+                         "CALLOUTKIT_PLAINTEXT_ADDRESS": "127.0.0.1:1"})
+    try:
+        line = read_until(process, "serving:")
+        assert line.split("grpc 127.0.0.1:")[1].split()[0].rstrip(",") != "1"
+        os.kill(process.pid, signal.SIGTERM)
+        assert "grace 0.5s" in read_until(process, "draining:")
+        assert process.wait(10) == 0
+    finally:
+        stop_process(process)

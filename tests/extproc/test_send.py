@@ -162,6 +162,16 @@ def test_a_malformed_description_gives_one_line_naming_the_problem(tmp_path: Pat
     assert "did you mean request_body?" in result.stderr
 
 
+def test_l4_messages_without_l4_suggest_it() -> None:
+    path = "examples/l4_block_command/connection.yaml"
+    result = send_cli(path, "--address", "127.0.0.1:1")
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"calloutkit: error: {path}: messages[0]: ")
+    assert "is a network (L4) message; send it with --l4" in result.stderr
+
+
 @pytest.mark.parametrize(("text", "problem"), [
     ("messages: [", "line 1: not valid JSON or YAML"),
     ("42", "expected a list of messages or a mapping with 'messages', got int"),
@@ -184,6 +194,9 @@ def test_a_malformed_description_gives_one_line_naming_the_problem(tmp_path: Pat
     ("{messages: [{request_headers: {}}], observability_mode: 1}",
      "observability_mode must be true or false"),
     ("[{processing_request: {request_headers: {nope: 1}}}]", "processing_request:"),
+    ("[{write: hi}]", "messages[0]: write is a network (L4) message; send it with --l4"),
+    ("{chunks: [{read_data: hi}]}", "'chunks' belongs to a network (L4) description; send it "
+     "with --l4"),
 ])
 def test_malformed_descriptions_are_rejected(text: str, problem: str) -> None:
     with pytest.raises(ConfigError) as caught:

@@ -17,6 +17,7 @@ from typing import Any
 
 import grpc
 import pytest
+from conftest import free_port, spawn, stop_process
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from proxy_testservice import BIG, EchoBackend, assert_no_tasks_left, protos
 
@@ -645,3 +646,30 @@ async def test_cli_serves_and_reloads_on_sighup(echo: Any, tmp_path: Path) -> No
         if process.returncode is None:
             os.killpg(process.pid, signal.SIGKILL)
             await process.wait()
+
+
+def test_cli_with_plaintext_listeners_only_does_not_warn_about_tls(tmp_path: Path) -> None:
+    path = tmp_path / "routes.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        listeners: {{plaintext_address: 127.0.0.1:0, health_check_address: 127.0.0.1:0}}
+        backends: {{a: {{targets: 127.0.0.1:{free_port()}}}}}
+        default: a
+        """))
+    # No certificate at the default path under tmp_path: the runtime used to warn about it.
+    process = spawn([sys.executable, "-m", "calloutkit", "proxy", "--config", str(path)],
+                    cwd=str(tmp_path), env={"CALLOUTKIT_PROXY_CONFIG": ""})
+    assert process.stdout is not None
+    try:
+        lines = []
+        while not lines or "serving:" not in lines[-1]:
+            lines.append(process.stdout.readline())
+            assert lines[-1], "proxy exited: " + "".join(lines)
+        assert "grpc+tls" not in lines[-1] and "grpc 127.0.0.1:" in lines[-1]
+        os.kill(process.pid, signal.SIGTERM)
+        assert process.wait(30) == 0
+        output = "".join(lines) + process.stdout.read()
+        assert "stopped" in output
+        assert not re.search("tls|certificate", output.replace("grpc+tls", ""), re.IGNORECASE), \
+            output
+    finally:
+        stop_process(process)

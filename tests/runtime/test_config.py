@@ -89,6 +89,53 @@ def test_environment_fills_only_what_the_caller_left_out():
     assert server.config.secure_address is None
 
 
+@pytest.fixture
+def environment(monkeypatch, certs):
+    """Every CALLOUTKIT_* variable set the other way from the explicit arguments below."""
+    for name, value in {"DISABLE_TLS": "1", "DISABLE_PLAINTEXT": "1", "REFLECTION": "1",
+                        "COMBINED_HEALTH_CHECK": "1", "GRACE_PERIOD": "9",
+                        "PLAINTEXT_PORT": "9100", "WORKERS": "2", "EVENT_LOOP": "uvloop",
+                        "CERT_CHAIN_PATH": "/nonexistent/chain.pem",
+                        "PRIVATE_KEY_PATH": "/nonexistent/key.pem"}.items():
+        monkeypatch.setenv("CALLOUTKIT_" + name, value)
+
+
+async def test_explicit_false_zero_and_none_win_over_the_environment(environment, certs):
+    server = CalloutServer(
+        address=("127.0.0.1", 0), plaintext_address=("127.0.0.1", 0),
+        health_check_address=("127.0.0.1", 0), disable_tls=False, disable_plaintext=False,
+        reflection=False, combined_health_check=False, grace_period=0, plaintext_port=None,
+        workers=None, event_loop="asyncio", cert_chain_path=certs.cert_path,
+        private_key_path=certs.key_path)
+    config = server.config
+    assert (config.reflection, config.grace_period, config.workers, config.event_loop) == (
+        False, 0.0, 1, "asyncio")
+    await server.start()
+    try:
+        assert server.secure_port and server.plaintext_port and server.health_check_port
+        assert server.plaintext_port != 9100
+    finally:
+        await server.stop(0)
+
+
+def test_the_environment_still_fills_what_is_not_passed(environment):
+    server = CalloutServer(disable_plaintext=False, workers=1)
+    config = server.config
+    assert config.secure_address is None  # CALLOUTKIT_DISABLE_TLS, before any cert path
+    assert config.plaintext_address == ("0.0.0.0", 9100)
+    assert config.health_check_address is None
+    assert (config.reflection, config.grace_period) == (True, 9.0)
+
+
+def test_explicit_default_certificate_path_wins_over_the_environment(environment, tmp_path,
+                                                                     monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing at the default path: TLS off, not the variable's file
+    server = CalloutServer(disable_tls=False, disable_plaintext=False, workers=1,
+                           cert_chain_path="./extproc/ssl_creds/chain.pem",
+                           private_key_path="./extproc/ssl_creds/privatekey.pem")
+    assert server.config.secure_address is None
+
+
 def test_bad_environment_value_names_the_variable():
     with pytest.raises(ConfigError, match="CALLOUTKIT_PLAINTEXT_PORT='eighty'"):
         CalloutServer(environ={"CALLOUTKIT_PLAINTEXT_PORT": "eighty",

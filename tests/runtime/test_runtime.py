@@ -222,6 +222,30 @@ async def test_sigterm_drains_the_open_stream_then_exits_zero(loop):
         stop_process(process)
 
 
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_an_idle_server_exits_right_after_stopped(loop):
+    process = spawn([sys.executable, "-m", "calloutkit", "serve", "examples/basic",
+                     "--plaintext_address", "127.0.0.1:0", "--health_check_address",
+                     "127.0.0.1:0", "--disable_tls", "--event_loop", loop])
+    try:
+        line = read_until(process, "serving:")
+        port = int(line.split("grpc 127.0.0.1:")[1].split(",")[0])
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:  # one stream, then idle
+            call = channel.stream_stream(
+                METHOD, request_serializer=pb.ProcessingRequest.SerializeToString,
+                response_deserializer=pb.ProcessingResponse.FromString)
+            assert len(list(call(iter([headers_request()]), timeout=10))) == 1
+            os.kill(process.pid, signal.SIGTERM)
+            assert "0 stream(s) in flight" in read_until(process, "draining:")
+            read_until(process, "stopped")
+            stopped = time.monotonic()
+            assert process.wait(10) == 0
+            # Typically 0.03-0.15 s here; the bound is loose because the machine is shared.
+            assert time.monotonic() - stopped < 1.0
+    finally:
+        stop_process(process)
+
+
 def test_second_signal_exits_at_once():
     process = spawn([sys.executable, "-m", "calloutkit", "serve",
                      "tests/servers/slow_server.py", "--plaintext_address", "127.0.0.1:0",

@@ -180,3 +180,26 @@ def test_serve_runs_an_example_and_dispatch_talks_to_it() -> None:
         assert "ce6528c0af7b43206b9cf736a5e5d1b4" in logged
     finally:
         stop_process(process)
+
+
+@pytest.mark.parametrize("command", [["dispatch", "--name", "x"],
+                                     ["dispatch-event", "--type", "AuthFailure"]])
+@pytest.mark.parametrize("target", ["127.0.0.1", "tcp://localhost"])
+def test_a_target_without_a_port_is_one_line_exit_2(command: list[str], target: str) -> None:
+    # gRPC alone would dial port 443 and report UNAVAILABLE after the timeout.
+    result = run_cli("tyk", command[0], "--target", target, *command[1:], timeout=30)
+    assert result.returncode == 2
+    host = target.removeprefix("tcp://")
+    assert result.stderr.splitlines() == [
+        f"calloutkit: error: --target: address {host!r} has no port (expected HOST:PORT)"]
+
+
+@pytest.mark.parametrize("command", [["tyk"], ["tyk", "dispatch"], ["tyk", "dispatch-event"]])
+def test_help_is_plain_text_without_rest_markup(command: list[str]) -> None:
+    result = run_cli(*command, "--help")
+    assert result.returncode == 0, result.stderr
+    assert f"usage: calloutkit {' '.join(command)}" in result.stdout
+    for markup in ("``", ":class:", ":func:", ":meth:", "::\n", ".. "):
+        assert markup not in result.stdout, f"{markup!r} in:\n{result.stdout}"
+    if command == ["tyk"]:
+        assert "calloutkit tyk dispatch --object" in result.stdout  # the examples stay

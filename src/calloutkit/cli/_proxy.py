@@ -49,9 +49,9 @@ def run(args: argparse.Namespace) -> int:
 
     kwargs = server_kwargs(args)
     for option in list(kwargs):
-        # Defaults the parser filled in must not hide what the file says.
-        if option in routing.listeners and (
-                (option in _BOOLS and kwargs[option] is False)
+        # Defaults the parser filled in are no choice of the user's: they must not hide what
+        # the file says, nor read as a wish for TLS.
+        if ((option in _BOOLS and option != "reflection" and kwargs[option] is False)
                 or kwargs[option] == PATH_DEFAULTS.get(option)):
             del kwargs[option]
     ProxyServer(routing, **kwargs).run()

@@ -23,6 +23,7 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
+from ..runtime._config import format_address, parse_address
 from ..runtime._errors import ConfigError
 from ..tyk._proto import (
     DISPATCH_EVENT_METHOD,
@@ -36,6 +37,17 @@ from ..tyk._proto import (
 from ..tyk.testing import HttpRequest, HttpResponse, event_payload, request_object, response_object
 
 DEFAULT_TARGET = "127.0.0.1:8080"
+_DESCRIPTION = """\
+Call a plugin server the way Tyk Gateway does (dispatch, dispatch-event) and
+print what it answered as JSON."""
+_EPILOG = """\
+examples:
+  calloutkit tyk dispatch --hook pre --name MyPreRequestPlugin --api-id 1 \\
+      --method GET --url '/pet/findByStatus?status=available' --header 'Accept: */*'
+  calloutkit tyk dispatch --object petstore-response.json
+  calloutkit tyk dispatch-event --type AuthFailure --handler-name audit --api-id 1
+
+exit codes: 0 answered, 1 the call failed with a gRPC status, 2 bad input."""
 _REQUEST_FLAGS = ("method", "url", "header", "body", "status", "response_header",
                   "response_body", "session", "raw_body_only")
 
@@ -141,8 +153,14 @@ def _config_text(value: str) -> str:
     return text
 
 
+def _target(value: str) -> str:
+    """``HOST:PORT`` (``tcp://`` as in Tyk's coprocess_grpc_server setting) or a one-line error;
+    gRPC would otherwise take a bare host to mean port 443."""
+    return format_address(parse_address(value.removeprefix("tcp://"), "--target"))
+
+
 def _call(target: str, method: str, data: bytes, timeout: float) -> bytes:
-    with grpc.insecure_channel(target.removeprefix("tcp://")) as channel:
+    with grpc.insecure_channel(target) as channel:
         return bytes(channel.unary_unary(method)(data, timeout=timeout))
 
 
@@ -155,11 +173,12 @@ def _failed(what: str, exc: grpc.RpcError) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    target = _target(args.target)
     obj = _build_object(args)
     if args.show_request:
         print(json_format.MessageToJson(obj, indent=2), file=sys.stderr)
     try:
-        answer = _call(args.target, DISPATCH_METHOD, obj.SerializeToString(), args.timeout)
+        answer = _call(target, DISPATCH_METHOD, obj.SerializeToString(), args.timeout)
     except grpc.RpcError as exc:
         return _failed("Dispatch", exc)
     print(json_format.MessageToJson(Object.FromString(answer), indent=2))
@@ -167,6 +186,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _dispatch_event(args: argparse.Namespace) -> int:
+    target = _target(args.target)
     if args.payload is not None:
         if args.type is not None or args.meta:
             raise ConfigError("--type and --meta cannot be combined with --payload")
@@ -189,7 +209,7 @@ def _dispatch_event(args: argparse.Namespace) -> int:
         payload = event_payload(args.type, meta, handler_name=args.handler_name or "",
                                 api_id=args.api_id or "", org_id=args.org_id or "")
     try:
-        answer = _call(args.target, DISPATCH_EVENT_METHOD,
+        answer = _call(target, DISPATCH_EVENT_METHOD,
                        Event(payload=payload).SerializeToString(), args.timeout)
     except grpc.RpcError as exc:
         return _failed("DispatchEvent", exc)
@@ -207,8 +227,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 def add_parser(subparsers: Any) -> None:
     """Add ``calloutkit tyk`` with its ``dispatch`` and ``dispatch-event`` commands."""
+    # The module docstring is reST for the reference docs; --help gets plain text.
     tyk = subparsers.add_parser("tyk", help="call a Tyk plugin server as the gateway does",
-                                description=__doc__.split("\n\n")[0])
+                                description=_DESCRIPTION, epilog=_EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = tyk.add_subparsers(dest="tyk_command", metavar="COMMAND", required=True,
                                   parser_class=type(tyk))
 

@@ -57,6 +57,8 @@ _BODY_PHASES = ("request_body", "response_body")
 _TRAILER_PHASES = ("request_trailers", "response_trailers")
 PHASES = (*_HEADER_PHASES, *_BODY_PHASES, *_TRAILER_PHASES)
 _TOP_KEYS = ("messages", "protocol_config", "metadata", "attributes", "observability_mode")
+# Keys of a network (L4) description (see _send_network), recognised here to point at --l4.
+_L4_KEYS = ("read_data", "write_data", "read", "write", "chunks")
 _Mode = processing_mode_pb2.ProcessingMode
 
 
@@ -82,6 +84,8 @@ def parse_stream(text: str, source: str = "<stdin>") -> StreamDescription:
         raise ConfigError(f"{source}: expected a list of messages or a mapping with "
                           f"'messages', got {kind_of(doc)}")
     unknown = [str(k) for k in doc if k not in _TOP_KEYS]
+    if unknown and unknown[0] in _L4_KEYS:
+        raise _l4_error(source, f"{unknown[0]!r} belongs to a network (L4) description")
     if unknown:
         raise ConfigError(f"{source}: unknown key {unknown[0]!r} (expected one of "
                           f"{', '.join(_TOP_KEYS)})")
@@ -126,6 +130,9 @@ def _phase_of(item: Any, where: str) -> str:
     if "processing_request" in item:
         return "processing_request"
     named = [k for k in item if k in PHASES]
+    l4 = [str(k) for k in item if k in _L4_KEYS]
+    if l4 and not named:
+        raise _l4_error(where, f"{l4[0]} is a network (L4) message")
     if len(named) != 1:
         others = [str(k) for k in item if k != "end_of_stream"]
         hint = difflib.get_close_matches(others[0], PHASES, n=1) if len(others) == 1 else []
@@ -133,6 +140,10 @@ def _phase_of(item: Any, where: str) -> str:
         raise ConfigError(f"{where}: needs exactly one phase ({', '.join(PHASES)}), got "
                           f"{', '.join(others) or 'none'}{suggestion}")
     return str(named[0])
+
+
+def _l4_error(where: str, what: str) -> ConfigError:
+    return ConfigError(f"{where}: {what}; send it with --l4 (calloutkit send --l4 FILE)")
 
 
 def _message(item: dict[str, Any], phase: str, phases: Sequence[str], index: int,

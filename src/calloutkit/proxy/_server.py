@@ -93,7 +93,10 @@ class ProxyServer(BaseServer):
         if routing is None and director is None and type(self).direct is ProxyServer.direct:
             raise ConfigError("ProxyServer needs a routing file (config=...), a director, or "
                               "a direct() method in a subclass")
-        super().__init__(**{**_file_listeners(routing, options), **options})
+        options = {**_file_listeners(routing, options), **options}
+        if _plaintext_only(routing, options):
+            options["disable_tls"] = True
+        super().__init__(**options)
         self.routing = routing
         self.mirror = mirror if mirror is not None else (
             _policy(routing) if routing is not None else MirrorPolicy())
@@ -257,6 +260,25 @@ def _file_listeners(routing: RoutingConfig | None,
     environ = options.get("environ")
     return {key: value for key, value in routing.listeners.items()
             if key not in options and env_value(key, _KINDS[key], environ) is None}
+
+
+# Options that ask for (or about) the TLS listener.
+_TLS_OPTIONS = ("address", "secure_address", "port", "cert_chain_path", "private_key_path",
+                "cert_chain", "private_key", "disable_tls", "secure_health_check")
+
+
+def _plaintext_only(routing: RoutingConfig | None, options: Mapping[str, Any]) -> bool:
+    """True when the file sets plaintext listeners and nothing anywhere mentions TLS.
+
+    Such a proxy is meant to speak h2c only; looking for a certificate at the default path would
+    only warn that it is missing.
+    """
+    if routing is None or not any(key in routing.listeners
+                                  for key in ("plaintext_address", "plaintext_port")):
+        return False
+    environ = options.get("environ")
+    return not any(key in options or (key in _KINDS and env_value(key, _KINDS[key], environ)
+                                      is not None) for key in _TLS_OPTIONS)
 
 
 def _policy(routing: RoutingConfig) -> MirrorPolicy:

@@ -9,11 +9,12 @@ TLS material. Every check that can fail happens here, at construction, with a on
 from __future__ import annotations
 
 import dataclasses
+import enum
 import importlib.util
 import logging
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final
 
 from ._errors import ConfigError
 
@@ -34,6 +35,20 @@ DEFAULT_GRACE_PERIOD = 30.0
 
 
 ENV_PREFIX = "CALLOUTKIT_"
+
+
+class Unset(enum.Enum):
+    """The type of `UNSET`."""
+
+    UNSET = "UNSET"
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+# An option the caller did not give. Only such an option may be filled from a variable: an
+# explicit False, 0 or None is a choice the environment must not undo.
+UNSET: Final = Unset.UNSET
 
 # Every server option: (name, kind, help). The kind drives flag types and environment parsing;
 # kinds are address | int | float | bool | str | path.
@@ -95,23 +110,24 @@ def env_value(option: str, kind: str, environ: Mapping[str, str] | None = None) 
 
 def merge_environment(options: Mapping[str, Any],
                       environ: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """Fill the options a caller left at their defaults from ``CALLOUTKIT_*`` variables.
+    """Fill the options a caller did not give (`UNSET`) from ``CALLOUTKIT_*`` variables.
 
-    Explicit arguments win; a variable only fills what was not given.
+    Explicit arguments win, whatever their value; an option neither given nor set in the
+    environment is left out, so the built-in default applies.
 
-    >>> merge_environment({"plaintext_port": None}, {"CALLOUTKIT_PLAINTEXT_PORT": "9"})
-    {'plaintext_port': 9}
+    >>> merge_environment({"plaintext_port": UNSET, "disable_tls": False},
+    ...                   {"CALLOUTKIT_PLAINTEXT_PORT": "9", "CALLOUTKIT_DISABLE_TLS": "1"})
+    {'plaintext_port': 9, 'disable_tls': False}
     """
-    merged = dict(options)
-    for option, kind, _ in SERVER_OPTIONS:
-        if option not in merged:
-            continue
-        current = merged[option]
-        if (current is None or (kind == "bool" and current is False)
-                or current == PATH_DEFAULTS.get(option)):
-            value = env_value(option, kind, environ)
-            if value is not None:
-                merged[option] = value
+    kinds = {option: kind for option, kind, _ in SERVER_OPTIONS}
+    merged = {}
+    for option, value in options.items():
+        if value is UNSET:
+            if option in kinds:
+                value = env_value(option, kinds[option], environ)
+            if value is None:
+                continue
+        merged[option] = value
     return merged
 
 

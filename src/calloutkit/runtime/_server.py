@@ -31,9 +31,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from ._config import (
-    DEFAULT_CERT_CHAIN_PATH,
-    DEFAULT_PRIVATE_KEY_PATH,
+    UNSET,
     ServerConfig,
+    Unset,
     format_address,
     merge_environment,
 )
@@ -140,9 +140,9 @@ class BaseServer(abc.ABC):
 
     Subclasses implement `_handlers`; users subclass the concrete kinds (`CalloutServer`,
     `NetworkCalloutServer`, ...). Construction validates every option and raises `ConfigError`.
-    Options left at their defaults are filled from ``CALLOUTKIT_<OPTION>`` environment
-    variables (``environ`` replaces `os.environ`), so a deployment can move ports without
-    touching code.
+    Options not passed are filled from ``CALLOUTKIT_<OPTION>`` environment variables
+    (``environ`` replaces `os.environ`), so a deployment can move ports without touching code;
+    an option passed explicitly wins over its variable, even as False, 0 or None.
 
     Example (embedding, e.g. in tests)::
 
@@ -158,29 +158,29 @@ class BaseServer(abc.ABC):
 
     def __init__(
         self,
-        address: Any = None,
-        port: int | None = None,
-        health_check_address: Any = None,
-        health_check_port: int | None = None,
-        combined_health_check: bool = False,
-        secure_health_check: bool = False,
-        plaintext_address: Any = None,
-        plaintext_port: int | None = None,
-        disable_plaintext: bool = False,
-        default_ip: str | None = None,
+        address: Any = UNSET,
+        port: int | Unset | None = UNSET,
+        health_check_address: Any = UNSET,
+        health_check_port: int | Unset | None = UNSET,
+        combined_health_check: bool | Unset = UNSET,
+        secure_health_check: bool | Unset = UNSET,
+        plaintext_address: Any = UNSET,
+        plaintext_port: int | Unset | None = UNSET,
+        disable_plaintext: bool | Unset = UNSET,
+        default_ip: str | Unset | None = UNSET,
         cert_chain: bytes | None = None,
-        cert_chain_path: str | None = DEFAULT_CERT_CHAIN_PATH,
+        cert_chain_path: str | Unset | None = UNSET,
         private_key: bytes | None = None,
-        private_key_path: str | None = DEFAULT_PRIVATE_KEY_PATH,
-        server_thread_count: int | None = None,
+        private_key_path: str | Unset | None = UNSET,
+        server_thread_count: int | Unset | None = UNSET,
         *,
-        secure_address: Any = None,
-        disable_tls: bool = False,
-        grace_period: float | None = None,
-        max_message_size: int | None = None,
-        reflection: bool | None = None,
-        workers: int | None = None,
-        event_loop: str | None = None,
+        secure_address: Any = UNSET,
+        disable_tls: bool | Unset = UNSET,
+        grace_period: float | Unset | None = UNSET,
+        max_message_size: int | Unset | None = UNSET,
+        reflection: bool | Unset | None = UNSET,
+        workers: int | Unset | None = UNSET,
+        event_loop: str | Unset | None = UNSET,
         environ: Mapping[str, str] | None = None,
     ) -> None:
         options = merge_environment(dict(
@@ -194,7 +194,7 @@ class BaseServer(abc.ABC):
             max_message_size=max_message_size, reflection=reflection, workers=workers,
             event_loop=event_loop),
             environ)
-        if options["reflection"] is None:
+        if options.get("reflection") is None:
             options["reflection"] = self.default_reflection
         self.config = ServerConfig.build(cert_chain=cert_chain, private_key=private_key,
                                          **options)

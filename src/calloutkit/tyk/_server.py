@@ -24,7 +24,12 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from ..runtime._config import DEFAULT_CERT_CHAIN_PATH, DEFAULT_PRIVATE_KEY_PATH, merge_environment
+from ..runtime._config import (
+    DEFAULT_CERT_CHAIN_PATH,
+    DEFAULT_PRIVATE_KEY_PATH,
+    UNSET,
+    merge_environment,
+)
 from ..runtime._errors import (
     CalloutError,
     ConfigError,
@@ -325,12 +330,12 @@ def _plaintext_unless_certificate(args: tuple[Any, ...], kwargs: dict[str, Any])
     bound = inspect.signature(BaseServer.__init__).bind_partial(None, *args, **kwargs)
     given = bound.arguments
     paths = merge_environment({
-        "cert_chain_path": given.get("cert_chain_path", DEFAULT_CERT_CHAIN_PATH),
-        "private_key_path": given.get("private_key_path", DEFAULT_PRIVATE_KEY_PATH)},
+        "cert_chain_path": given.get("cert_chain_path", UNSET),
+        "private_key_path": given.get("private_key_path", UNSET)},
         given.get("environ"))
     explicit = (given.get("cert_chain") is not None or given.get("private_key") is not None
-                or paths["cert_chain_path"] not in (None, DEFAULT_CERT_CHAIN_PATH)
-                or paths["private_key_path"] not in (None, DEFAULT_PRIVATE_KEY_PATH))
+                or paths.get("cert_chain_path") not in (None, DEFAULT_CERT_CHAIN_PATH)
+                or paths.get("private_key_path") not in (None, DEFAULT_PRIVATE_KEY_PATH))
     if explicit:
         return kwargs
     return {**kwargs, "disable_tls": True}
