@@ -217,3 +217,13 @@ def test_flags_win_over_environment_variables():
         assert process.wait(10) == 0
     finally:
         stop_process(process)
+
+
+@pytest.mark.parametrize("command", [[], ["serve"], ["send"], ["demo"], ["proxy"], ["tyk"],
+                                     ["tyk", "dispatch"], ["tyk", "dispatch-event"]])
+def test_every_help_is_plain_text(command: list[str]) -> None:
+    """Help comes from text written for a terminal, never from a module's reST docstring."""
+    result = run_cli(*command, "--help")
+    assert result.returncode == 0, result.stderr
+    for markup in ("``", ":class:", ":func:", ":meth:", "::\n", ".. "):
+        assert markup not in result.stdout, f"{markup!r} in:\n{result.stdout}"

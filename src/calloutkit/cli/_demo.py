@@ -94,8 +94,11 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers: Any) -> None:
-    parser = subparsers.add_parser("demo", help="run Envoy + a callout server + an upstream",
-                                   description=__doc__)
+    parser = subparsers.add_parser(
+        "demo", help="run Envoy + a callout server + an upstream",
+        description="Run a real Envoy in front of a callout server and a local upstream, send "
+                    "one request through it, show what the callout changed in both directions, "
+                    "and keep serving until Ctrl-C so you can try it with curl.")
     parser.add_argument("--port", type=int, default=10000,
                         help="Envoy listener port (a free one is used if it is taken)")
     parser.add_argument("--once", action="store_true",
