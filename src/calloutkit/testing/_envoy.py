@@ -136,12 +136,25 @@ def envoy_config(callout_port: int, upstream_port: int, *,
         "http_filters": filters,
     }
     if access_log:
-        hcm["access_log"] = [{"name": "envoy.access_loggers.file", "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
-            "path": "/dev/stdout",
-            "log_format": {"text_format_source": {"inline_string":
-                "%REQ(:METHOD)% %REQ(:PATH)% %RESPONSE_CODE% "
-                "details=%RESPONSE_CODE_DETAILS%\n"}}}}]
+        hcm["access_log"] = _access_log()
+    return _bootstrap(hcm, listener_port, admin_port, [
+        _cluster("callout", callout_port, http2=True, tls_ca=callout_tls_ca),
+        _cluster("upstream", upstream_port, http2=False)])
+
+
+def _access_log(fields: str = "") -> list[dict[str, Any]]:
+    """One line per request on Envoy's stdout (`Envoy.log_tail`), ``fields`` appended."""
+    return [{"name": "envoy.access_loggers.file", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+        "path": "/dev/stdout",
+        "log_format": {"text_format_source": {"inline_string":
+            f"%REQ(:METHOD)% %REQ(:PATH)% %RESPONSE_CODE% details=%RESPONSE_CODE_DETAILS%"
+            f"{fields}\n"}}}}]
+
+
+def _bootstrap(hcm: dict[str, Any], listener_port: int, admin_port: int,
+               clusters: list[dict[str, Any]]) -> dict[str, Any]:
+    """An Envoy bootstrap: admin, one HTTP listener running ``hcm``, and ``clusters``."""
     return {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1",
                                                  "port_value": admin_port}}},
@@ -151,8 +164,7 @@ def envoy_config(callout_port: int, upstream_port: int, *,
                 "filter_chains": [{"filters": [{
                     "name": "envoy.filters.network.http_connection_manager",
                     "typed_config": hcm}]}]}],
-            "clusters": [_cluster("callout", callout_port, http2=True, tls_ca=callout_tls_ca),
-                         _cluster("upstream", upstream_port, http2=False)],
+            "clusters": clusters,
         },
     }
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ._envoy import _cluster
+from ._envoy import _access_log, _bootstrap, _cluster
 
 _EXT_AUTHZ = "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz"
 _PER_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute"
@@ -72,23 +72,8 @@ def authz_envoy_config(authz_port: int, upstream_port: int, *,
         ],
     }
     if access_log:
-        hcm["access_log"] = [{"name": "envoy.access_loggers.file", "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
-            "path": "/dev/stdout",
-            "log_format": {"text_format_source": {"inline_string":
-                "%REQ(:METHOD)% %REQ(:PATH)% %RESPONSE_CODE% "
-                "details=%RESPONSE_CODE_DETAILS% "
-                "authz=%DYNAMIC_METADATA(envoy.filters.http.ext_authz)%\n"}}}}]
-    return {
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1",
-                                                 "port_value": admin_port}}},
-        "static_resources": {
-            "listeners": [{"name": "http", "address": {"socket_address": {
-                "address": "127.0.0.1", "port_value": listener_port}},
-                "filter_chains": [{"filters": [{
-                    "name": "envoy.filters.network.http_connection_manager",
-                    "typed_config": hcm}]}]}],
-            "clusters": [_cluster("authz", authz_port, http2=True, tls_ca=authz_tls_ca),
-                         _cluster("upstream", upstream_port, http2=False)],
-        },
-    }
+        hcm["access_log"] = _access_log(
+            " authz=%DYNAMIC_METADATA(envoy.filters.http.ext_authz)%")
+    return _bootstrap(hcm, listener_port, admin_port, [
+        _cluster("authz", authz_port, http2=True, tls_ca=authz_tls_ca),
+        _cluster("upstream", upstream_port, http2=False)])
