@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
@@ -34,13 +33,13 @@ from google.protobuf import json_format
 from ..client._play import (
     body_bytes,
     check_namespaces,
+    grpc_error,
     kind_of,
     load_document,
     open_channel,
-    read_source,
-    run_printing,
+    run_described,
 )
-from ..runtime._config import format_address, parse_address
+from ..runtime._config import parse_address
 from ..runtime._errors import ConfigError
 from ._client import check_request
 from ._server import SERVICE_NAME
@@ -134,19 +133,11 @@ async def send_checks(target: str, requests: Sequence[apb.CheckRequest], *, out:
                 reply = await check(request, metadata=tuple(metadata) or None,
                                     timeout=timeout)
             except grpc.aio.AioRpcError as exc:
-                print(f"calloutkit: error: gRPC {exc.code().name}: {exc.details() or ''}",
-                      file=err, flush=True)
-                return 1
+                return grpc_error(err, exc.code(), exc.details())
             print(json.dumps(reply_to_dict(reply), indent=indent), file=out, flush=True)
     return 0
 
 
 def run_authz_send(args: argparse.Namespace) -> int:
     """``calloutkit send --authz``: parse the description in ``args.file``, then send it."""
-    text, source = read_source(args.file)
-    requests = parse_checks(text, source)
-    target = format_address(parse_address(args.address, "--address"))
-    return run_printing(send_checks(
-        target, requests, out=sys.stdout, err=sys.stderr, tls=args.tls, ca=args.ca,
-        authority=args.authority, metadata=args.metadata, timeout=args.timeout,
-        indent=2 if args.pretty else None))
+    return run_described(args, parse_checks, send_checks)

@@ -20,6 +20,7 @@ from typing import Any, TextIO
 import grpc
 import yaml
 
+from ..runtime._config import format_address, parse_address
 from ..runtime._errors import ConfigError
 
 
@@ -118,13 +119,13 @@ async def play(target: str, method: str, request_type: Any, response_type: Any,
                 show(reply)
             code = await call.code()
             if code != grpc.StatusCode.OK:
-                return _grpc_error(err, code, await call.details())
+                return grpc_error(err, code, await call.details())
         except grpc.aio.AioRpcError as exc:
-            return _grpc_error(err, exc.code(), exc.details())
+            return grpc_error(err, exc.code(), exc.details())
     return 0
 
 
-def _grpc_error(err: TextIO, code: grpc.StatusCode, details: str | None) -> int:
+def grpc_error(err: TextIO, code: grpc.StatusCode, details: str | None) -> int:
     print(f"calloutkit: error: gRPC {code.name}: {details or ''}", file=err, flush=True)
     return 1
 
@@ -155,3 +156,16 @@ def run_printing(sending: Coroutine[Any, Any, int]) -> int:
     except BrokenPipeError:  # `calloutkit send ... | head`: the reader has had enough
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+
+
+def run_described(args: argparse.Namespace, parse: Callable[[str, str], Any],
+                  send: Callable[..., Coroutine[Any, Any, int]], **options: Any) -> int:
+    """The ``send`` commands: parse the description in ``args.file``, send it to
+    ``args.address`` with the connection flags, print to stdout (``options`` go to ``send``)."""
+    text, source = read_source(args.file)
+    described = parse(text, source)
+    target = format_address(parse_address(args.address, "--address"))
+    return run_printing(send(
+        target, described, out=sys.stdout, err=sys.stderr, tls=args.tls, ca=args.ca,
+        authority=args.authority, metadata=args.metadata, timeout=args.timeout,
+        indent=2 if args.pretty else None, **options))

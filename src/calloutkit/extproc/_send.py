@@ -29,7 +29,6 @@ import argparse
 import base64
 import difflib
 import json
-import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
@@ -44,10 +43,8 @@ from ..client._play import (
     kind_of,
     load_document,
     play,
-    read_source,
-    run_printing,
+    run_described,
 )
-from ..runtime._config import format_address, parse_address
 from ..runtime._errors import ConfigError
 from ._server import SERVICE_NAME
 
@@ -293,10 +290,4 @@ async def send_stream(target: str, description: StreamDescription, *, out: TextI
 
 def run_send(args: argparse.Namespace) -> int:
     """``calloutkit send``: parse the L7 description in ``args.file``, then send it."""
-    text, source = read_source(args.file)
-    description = parse_stream(text, source)
-    target = format_address(parse_address(args.address, "--address"))
-    return run_printing(send_stream(
-        target, description, out=sys.stdout, err=sys.stderr, tls=args.tls, ca=args.ca,
-        authority=args.authority, metadata=args.metadata, timeout=args.timeout,
-        proto_json=args.proto_json, indent=2 if args.pretty else None))
+    return run_described(args, parse_stream, send_stream, proto_json=args.proto_json)

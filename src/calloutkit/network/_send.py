@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
@@ -33,10 +32,8 @@ from ..client._play import (
     check_namespaces,
     load_document,
     play,
-    read_source,
-    run_printing,
+    run_described,
 )
-from ..runtime._config import format_address, parse_address
 from ..runtime._errors import ConfigError
 from ._client import data_request
 from ._server import SERVICE_NAME
@@ -141,11 +138,4 @@ async def send_chunks(target: str, requests: Sequence[npb.ProcessingRequest], *,
 
 def run_network_send(args: argparse.Namespace) -> int:
     """``calloutkit send --l4``: parse the description in ``args.file``, then send it."""
-    text, source = read_source(args.file)
-    requests = parse_chunks(text, source)
-    target = format_address(parse_address(args.address, "--address"))
-    return run_printing(send_chunks(
-        target, requests, out=sys.stdout, err=sys.stderr, tls=args.tls, ca=args.ca,
-        authority=args.authority, metadata=args.metadata, timeout=args.timeout,
-        proto_json=getattr(args, "proto_json", False),
-        indent=2 if getattr(args, "pretty", False) else None))
+    return run_described(args, parse_chunks, send_chunks, proto_json=args.proto_json)
