@@ -28,12 +28,12 @@ def example_names() -> list[str]:
 
 
 def bootstraps() -> list[tuple[str, str]]:
-    """Every complete Envoy config (a YAML block with static_resources) in the guide."""
+    """Every complete Envoy config (a YAML block with static_resources) in the docs."""
     found = []
-    for page in sorted(GUIDE.rglob("*.md")):
+    for page in sorted(GUIDE.parent.rglob("*.md")):
         for n, block in enumerate(_YAML_BLOCK.findall(page.read_text())):
             if "static_resources:" in block:
-                found.append((f"{page.relative_to(GUIDE)}#{n}", block))
+                found.append((f"{page.relative_to(GUIDE.parent)}#{n}", block))
     return found
 
 
@@ -53,7 +53,7 @@ def test_every_page_linked_from_the_index_exists() -> None:
 
 @pytest.mark.envoy
 @pytest.mark.parametrize(("where", "config"), bootstraps())
-def test_envoy_configs_in_the_guide_validate(where: str, config: str, tmp_path: Path) -> None:
+def test_envoy_configs_in_the_docs_validate(where: str, config: str, tmp_path: Path) -> None:
     path = tmp_path / "envoy.yaml"
     path.write_text(config)
     result = subprocess.run([find_envoy(), "--mode", "validate", "-c", str(path),
