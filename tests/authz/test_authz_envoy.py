@@ -8,11 +8,10 @@ import json
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Iterator
-from typing import Any
 
 import grpc
 import pytest
+from authz_harness import envoy_for, get  # noqa: F401 (a fixture)
 from conftest import LOOPBACK, free_port, read_until, spawn, stop_process
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2 as apb
@@ -20,7 +19,7 @@ from google.protobuf import wrappers_pb2
 from google.rpc import status_pb2
 
 from calloutkit import AuthzServer, allow_request, deny_request
-from calloutkit.testing import Envoy, UpstreamServer, authz_envoy_config, http_request
+from calloutkit.testing import Envoy, authz_envoy_config, http_request
 
 pytestmark = pytest.mark.envoy
 
@@ -77,34 +76,6 @@ def _raw_answer() -> apb.CheckResponse:
                  _option("x-action", value="replaced-too", action=action)],
         response_headers_to_add=[_option("x-resp-value", value="v"),
                                  _option("x-resp-raw", raw=b"r")]))
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[UpstreamServer]:
-    with UpstreamServer() as server:
-        yield server
-
-
-@pytest.fixture
-async def envoy_for(upstream: UpstreamServer) -> AsyncIterator[Any]:
-    running: list[tuple[AuthzServer, Envoy]] = []
-
-    async def start(server: AuthzServer, **options: Any) -> Envoy:
-        await server.start()
-        assert server.plaintext_port is not None
-        envoy = Envoy(authz_envoy_config(server.plaintext_port, upstream.port, **options))
-        running.append((server, envoy))
-        return await asyncio.to_thread(envoy.start)
-
-    yield start
-    for server, envoy in running:
-        envoy.stop()
-        await server.stop(1)
-
-
-async def get(envoy: Envoy, path: str, headers: list[tuple[str, str]] | None = None,
-              method: str = "GET", body: str | None = None) -> Any:
-    return await asyncio.to_thread(http_request, envoy.url + path, method, headers or [], body)
 
 
 async def test_allowed_requests_reach_the_upstream_changed(envoy_for) -> None:

@@ -2,48 +2,29 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
+from authz_harness import envoy_for, get  # noqa: F401 (a fixture)
 from conftest import LOOPBACK, REPO
 
 from calloutkit.cli._loader import load_target
-from calloutkit.testing import Envoy, UpstreamServer, authz_envoy_config, http_request
+from calloutkit.testing import Envoy
 
 pytestmark = pytest.mark.envoy
 
 
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[UpstreamServer]:
-    with UpstreamServer() as server:
-        yield server
-
-
 @pytest.fixture
-async def example(upstream: UpstreamServer, monkeypatch) -> AsyncIterator[Any]:
-    running: list[tuple[Any, Envoy]] = []
-
+def example(envoy_for: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """``await example(name, **environment)``: the example's server behind a real Envoy."""
     async def start(name: str, **environ: str) -> Envoy:
         for key, value in environ.items():
             monkeypatch.setenv(key, value)
-        server = load_target(os.path.join(REPO, "examples", name))(**LOOPBACK)
-        await server.start()
-        envoy = Envoy(authz_envoy_config(server.plaintext_port, upstream.port))
-        running.append((server, envoy))
-        return await asyncio.to_thread(envoy.start)
+        return await envoy_for(load_target(os.path.join(REPO, "examples", name))(**LOOPBACK))
 
-    yield start
-    for server, envoy in running:
-        envoy.stop()
-        await server.stop(1)
-
-
-async def get(envoy: Envoy, path: str, headers: list[tuple[str, str]] | None = None) -> Any:
-    return await asyncio.to_thread(http_request, envoy.url + path, "GET", headers or [])
+    return start
 
 
 async def test_block_ip_refuses_blocked_networks_only(example) -> None:
