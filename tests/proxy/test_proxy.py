@@ -15,7 +15,13 @@ from typing import Any
 
 import grpc
 import pytest
-from proxy_testservice import BIG, EchoBackend, assert_no_tasks_left, protos
+from proxy_testservice import (
+    BIG,
+    EchoBackend,
+    assert_no_tasks_left,
+    early_end_outcomes,
+    protos,
+)
 
 from calloutkit.proxy import (
     ChannelPool,
@@ -108,6 +114,7 @@ class Proxy:
         await server.start()
         self.server = server
         self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=BIG)
+        self.target = f"127.0.0.1:{port}"
         return self
 
     @property
@@ -759,6 +766,38 @@ async def test_error_after_messages_in_stream(proxy: Proxy, backends: Backends) 
             got.append(reply.count)
     assert got == [0, 1, 2]
     assert (info.value.code(), info.value.details()) == (Code.FAILED_PRECONDITION, "late")
+
+
+def _on_own_loop(loop_name: str, main: Callable[[], Any]) -> Any:
+    """Run ``main()`` to completion on a fresh event loop of the named kind (in this thread)."""
+    if loop_name == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        loop = uvloop.new_event_loop()
+    else:
+        loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(main())
+    finally:
+        loop.close()
+
+
+@pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
+async def test_backend_status_survives_ending_before_reading_the_request(loop_name: str) -> None:
+    """A backend that ends the call (OK or an error) while the proxy still writes the client's
+    stream to it: grpc.aio used to report INTERNAL "Internal error from Core" instead."""
+
+    async def main() -> Any:
+        backend = await EchoBackend("a").start()
+        proxy = await Proxy("stream").start()
+        proxy.director = lambda m, c, p: to(backend)
+        try:
+            return await asyncio.to_thread(early_end_outcomes, proxy.target)
+        finally:
+            await proxy.stop()
+            await backend.stop()
+
+    for expected, got in await asyncio.to_thread(_on_own_loop, loop_name, main):
+        assert got == {expected: 150}, got
 
 
 @pytest.mark.parametrize("method", ["ServerStream", "Bidi", "Unary"])

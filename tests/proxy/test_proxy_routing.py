@@ -17,9 +17,9 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import free_port, spawn, stop_process
+from conftest import free_port, read_until, spawn, stop_process
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from proxy_testservice import BIG, EchoBackend, assert_no_tasks_left, protos
+from proxy_testservice import BIG, EchoBackend, assert_no_tasks_left, early_end_outcomes, protos
 
 from calloutkit import ConfigError
 from calloutkit.proxy import (
@@ -671,5 +671,32 @@ def test_cli_with_plaintext_listeners_only_does_not_warn_about_tls(tmp_path: Pat
         assert "stopped" in output
         assert not re.search("tls|certificate", output.replace("grpc+tls", ""), re.IGNORECASE), \
             output
+    finally:
+        stop_process(process)
+
+
+@pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
+async def test_cli_passes_on_the_status_of_a_backend_that_ends_before_reading(
+        echo: Any, tmp_path: Path, loop_name: str) -> None:
+    """``calloutkit proxy`` used to turn most of these statuses into INTERNAL "Internal error
+    from Core": its write of the client's next message raced the backend's status."""
+    if loop_name == "uvloop":
+        pytest.importorskip("uvloop")
+    (a,) = await backends(echo, "a")
+    path = tmp_path / "routes.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        listeners: {{plaintext_address: 127.0.0.1:0, combined_health_check: true}}
+        backends: {{a: {{targets: {a.target}}}}}
+        default: a
+        """))
+    process = spawn([sys.executable, "-m", "calloutkit", "proxy", "--config", str(path),
+                     "--event_loop", loop_name], env={"CALLOUTKIT_PROXY_CONFIG": ""})
+    try:
+        line = await asyncio.to_thread(read_until, process, "serving:")
+        found = re.search(r"grpc 127\.0\.0\.1:(\d+)", line)
+        assert found, line
+        outcomes = await asyncio.to_thread(early_end_outcomes, f"127.0.0.1:{found.group(1)}")
+        for expected, got in outcomes:
+            assert got == {expected: 150}, got
     finally:
         stop_process(process)

@@ -29,6 +29,7 @@ from typing import Any, TypeAlias
 
 import grpc
 
+from ._callstatus import FinalStatus, StatusWatch
 from ._channels import ChannelPool
 from ._director import Destination, MirrorPolicy, Overflow, ProxyError, StreamParameters
 from ._metadata import MetadataValue, forwardable
@@ -256,18 +257,23 @@ async def handle_stream(context: Context, method: str, params: StreamParameters,
             metadata=proxy.metadata(dst), timeout=timeout, compression=params.compression,
             wait_for_ready=params.wait_for_ready)
 
+    watch = StatusWatch(outgoing)
     status = await proxy.open_legs(open_secondary)
     if status is not None:
         outgoing.cancel()
         await proxy.finish(status, None)
         return
 
-    pump = _Pump(context, outgoing, primary, proxy.legs, peeker)
+    pump = _Pump(context, outgoing, watch, primary, proxy.legs, peeker)
     pump_task = asyncio.ensure_future(pump.run())
     headers = asyncio.ensure_future(_forward_headers(context, outgoing))
     substitute: bytes | None = None
     try:
         primary_error, s2c_error = await _relay(context, outgoing, headers)
+        final: FinalStatus | None = None
+        if s2c_error is None and not isinstance(primary_error, ProxyError):
+            final = await watch.final()
+            primary_error = None if final.code is grpc.StatusCode.OK else final.error()
         if not headers.done():
             await headers
         if s2c_error is not None:
@@ -306,12 +312,7 @@ async def handle_stream(context: Context, method: str, params: StreamParameters,
             await context.write(substitute)
         except Exception as exc:  # the client is gone; nothing left to tell it
             logger.debug("substitute response not delivered: %s", exc)
-    if isinstance(primary_error, grpc.aio.AioRpcError):
-        trailers = primary_error.trailing_metadata()
-    elif primary_error is None and s2c_error is None:
-        trailers = await outgoing.trailing_metadata()
-    else:
-        trailers = None
+    trailers = final.trailing_metadata if final is not None else None
     await proxy.finish(status, trailers)
 
 
@@ -329,19 +330,23 @@ async def _forward_headers(context: Context, call: Any) -> None:
 async def _relay(context: Context, call: Any,
                  headers: asyncio.Future[None]) -> tuple[Exception | None, Exception | None]:
     """Primary -> client until the primary ends: (primary error, error writing to client)."""
+    # The iterator, not read(): it still hands over buffered messages once a failed write
+    # has been recorded as the call's status (see _callstatus).
+    responses = call.__aiter__()
     try:
-        frame = await call.read()
-        if frame is not _EOF:
-            if not headers.done():
-                await headers  # headers go out before the first message
-            while frame is not _EOF:
-                try:
-                    await context.write(frame)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    return None, exc
-                frame = await call.read()
+        first = True
+        async for frame in responses:
+            if first:
+                first = False
+                if not headers.done():
+                    await headers  # headers go out before the first message
+            try:
+                await context.write(frame)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                await responses.aclose()
+                return None, exc
     except grpc.aio.AioRpcError as exc:
         return exc, None
     except asyncio.CancelledError:
@@ -355,12 +360,13 @@ async def _relay(context: Context, call: Any,
 class _Pump:
     """Client -> secondaries and primary, then half-close them all."""
 
-    __slots__ = ("_open", "call", "context", "error", "legs", "peeker", "primary")
+    __slots__ = ("_open", "call", "context", "error", "legs", "peeker", "primary", "watch")
 
-    def __init__(self, context: Context, call: Any, primary: Destination, legs: list[Leg],
-                 peeker: Peeker | None) -> None:
+    def __init__(self, context: Context, call: Any, watch: StatusWatch, primary: Destination,
+                 legs: list[Leg], peeker: Peeker | None) -> None:
         self.context = context
         self.call = call
+        self.watch = watch
         self.primary = primary
         self.legs = legs
         self.peeker = peeker
@@ -373,6 +379,7 @@ class _Pump:
                 await self.call.write(frame)
             except _CALL_ENDED:
                 self._open = False  # the primary already ended; the relay reports how
+                self.watch.write_failed = True
 
     async def _first(self) -> bool:
         """Send the first frames; False when the client stream is already over."""

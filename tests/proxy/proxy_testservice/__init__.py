@@ -11,6 +11,9 @@ kernel-chosen loopback port. The client steers it with metadata, which the proxy
 - ``x-trailer: k=v,...`` set these trailers
 - ``x-sleep-ms: N`` sleep before answering; ``x-block: 1`` wait for `EchoBackend.release`
 
+``/raw.Raw/Quit`` ends the call at once without reading the request: OK, or the ``x-fail``
+status, with the ``x-trailer`` trailers.
+
 It records every call (`Seen`: method, metadata, deadline left, requests) and every cancel.
 """
 
@@ -135,7 +138,8 @@ class EchoBackend:
             }),
             grpc.method_handlers_generic_handler("echo.Admin", {"Stats": unary(self._stats)}),
             grpc.method_handlers_generic_handler("raw.Raw", {
-                "Echo": grpc.stream_stream_rpc_method_handler(self._raw)}),
+                "Echo": grpc.stream_stream_rpc_method_handler(self._raw),
+                "Quit": grpc.stream_stream_rpc_method_handler(self._quit)}),
         )),))
         if self._with_health:
             from grpc_health.v1 import health, health_pb2_grpc
@@ -256,3 +260,47 @@ class EchoBackend:
                 seen.requests.append(frame)
                 await context.write(frame)
         await self._guard("/raw.Raw/Echo", body())
+
+    async def _quit(self, request_iterator: Any, context: Any) -> None:
+        async def body() -> None:
+            seen = await self._begin("/raw.Raw/Quit", context)
+            await self._maybe_fail(seen, context, 0)
+        await self._guard("/raw.Raw/Quit", body())
+
+
+EARLY_END_CASES = (
+    ((), ("OK", "", ())),
+    ((("x-fail", "FAILED_PRECONDITION:ended early"), ("x-trailer", "why=early")),
+     ("FAILED_PRECONDITION", "ended early", (("why", "early"),))),
+)
+
+
+def early_end_outcomes(target: str, calls: int = 150, messages: int = 50) -> list[Any]:
+    """Stream ``messages`` requests on ``calls`` calls of ``/raw.Raw/Quit`` through ``target``,
+    for each case of `EARLY_END_CASES`; what each call ended with, next to what was expected.
+
+    The client is grpcio's synchronous one on purpose: grpc.aio's own client garbles a status
+    that arrives while one of its writes is in flight, which would blame the proxy for it.
+    """
+    import collections
+    from concurrent.futures import ThreadPoolExecutor
+
+    request = b"x" * 1000
+
+    def one(metadata: tuple[tuple[str, str], ...]) -> tuple[str, str, tuple[Any, ...]]:
+        call = quit_call(iter([request] * messages), metadata=metadata, timeout=30)
+        try:
+            for _ in call:
+                pass
+        except grpc.RpcError:
+            pass
+        trailers = tuple((m.key, m.value) for m in call.trailing_metadata() or ())
+        return call.code().name, call.details() or "", trailers
+
+    outcomes = []
+    with grpc.insecure_channel(target) as channel, ThreadPoolExecutor(16) as pool:
+        quit_call = channel.stream_stream("/raw.Raw/Quit", None, None)
+        for metadata, expected in EARLY_END_CASES:
+            got = collections.Counter(pool.map(one, [metadata] * calls))
+            outcomes.append((expected, dict(got)))
+    return outcomes
