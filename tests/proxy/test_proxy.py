@@ -230,6 +230,50 @@ async def test_director_error_propagates(proxy: Proxy, backends: Backends) -> No
     assert finalized == [1]
 
 
+async def _failed_call(proxy: Proxy, backend: EchoBackend, code: str, details: str) -> Any:
+    """The AioRpcError of a real call to ``backend`` that fails with ``code``/``details``."""
+    call = proxy.pool.get(backend.target).unary_unary("/echo.Echo/Unary", None, None)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call(ping().SerializeToString(), metadata=[("x-fail", f"{code}:{details}")])
+    assert "debug_error_string" in str(info.value)
+    return info.value
+
+
+class _Refused(grpc.RpcError):
+    """A grpc.RpcError with a status, as a gRPC library outside grpc.aio raises it."""
+
+    def code(self) -> grpc.StatusCode:
+        return Code.RESOURCE_EXHAUSTED
+
+    def details(self) -> str:
+        return "quota used up"
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("kind", ["aio_rpc_error", "rpc_error", "abort", "plain"])
+async def test_director_status_error_keeps_its_code(proxy: Proxy, backends: Backends,
+                                                   kind: str) -> None:
+    a = await backends()
+
+    async def director(method: str, context: Any, peeker: Peeker) -> StreamParameters:
+        if kind == "aio_rpc_error":  # e.g. an auth lookup the director made failed
+            raise await _failed_call(proxy, a, "NOT_FOUND", "no such tenant")
+        if kind == "rpc_error":
+            raise _Refused()
+        if kind == "abort":
+            await context.abort(Code.PERMISSION_DENIED, "aborted by director")
+        raise RuntimeError("secret text")
+
+    proxy.director = director
+    err = await rpc_error(proxy.echo.Unary(ping()))
+    assert (err.code(), err.details()) == {
+        "aio_rpc_error": (Code.NOT_FOUND, "no such tenant"),
+        "rpc_error": (Code.RESOURCE_EXHAUSTED, "quota used up"),
+        "abort": (Code.PERMISSION_DENIED, "aborted by director"),
+        "plain": (Code.INTERNAL, "proxy director failed")}[kind]
+    assert len(a.calls) == (1 if kind == "aio_rpc_error" else 0)  # only the director's own
+
+
 async def _full_duplex(proxy: Proxy, n: int = 20) -> None:
     call = proxy.echo.Bidi(metadata=[("x-trailer", "injected_trailer=trailer_value"),
                                      ("x-header", "injected_header=header_value")])
@@ -371,6 +415,19 @@ async def test_finalizer_error_propagates(proxy: Proxy, backends: Backends) -> N
     err = await rpc_error(proxy.echo.Unary(ping()))
     assert (err.code(), err.details()) == (Code.INTERNAL, "request finalizer error")
     assert ran == [1] and len(a.calls) == 1
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_finalizer_grpc_error_keeps_code_and_details(proxy: Proxy,
+                                                           backends: Backends) -> None:
+    a = await backends()
+
+    async def finalizer() -> None:  # e.g. recording the call in a service that failed
+        raise await _failed_call(proxy, a, "ABORTED", "vote lost")
+
+    proxy.director = lambda m, c, p: to(a, req_finalizer=finalizer)
+    err = await rpc_error(proxy.echo.Unary(ping()))
+    assert (err.code(), err.details()) == (Code.ABORTED, "vote lost")
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -47,6 +47,20 @@ class ProxyError(CalloutKitError):
         self.details = details
 
 
+def status_of(error: BaseException) -> ProxyError | None:
+    """``error`` as a status for the client when it carries one: a `ProxyError`, or a
+    ``grpc.RpcError`` with a code (an ``AioRpcError`` from a call the director or finalizer
+    made). Only the code and details are kept, never the error's text."""
+    if isinstance(error, ProxyError):
+        return error
+    if isinstance(error, grpc.RpcError):
+        code, details = getattr(error, "code", None), getattr(error, "details", None)
+        code = code() if callable(code) else None
+        if isinstance(code, grpc.StatusCode):
+            return ProxyError(code, (details() if callable(details) else None) or "")
+    return None
+
+
 class Overflow(enum.Enum):
     """What the proxy does when a secondary cannot keep up with the client.
 

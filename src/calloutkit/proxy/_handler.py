@@ -23,7 +23,7 @@ import grpc
 
 from ..runtime._errors import ConfigError
 from ._channels import ChannelPool
-from ._director import Director, ProxyError, StreamParameters
+from ._director import Director, StreamParameters, status_of
 from ._peeker import Peeker
 from ._stream import Context, handle_stream, handle_unary
 
@@ -96,11 +96,14 @@ class TransparentHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
             params = self.director(method, context, peeker)
             if inspect.isawaitable(params):
                 params = await params
-        except ProxyError as exc:
-            context.set_code(exc.code)
-            context.set_details(exc.details)
-            return None
-        except Exception:
+        except grpc.aio.AbortError:
+            raise  # the director called context.abort(): its status is already on its way
+        except Exception as exc:
+            status = status_of(exc)
+            if status is not None:  # like the Go proxies: the director's status, as it is
+                context.set_code(status.code)
+                context.set_details(status.details)
+                return None
             logger.exception("director failed for %s", method)
             context.set_code(grpc.StatusCode.INTERNAL)
             context.set_details("proxy director failed")

@@ -31,7 +31,14 @@ import grpc
 
 from ._callstatus import FinalStatus, StatusWatch
 from ._channels import ChannelPool
-from ._director import Destination, MirrorPolicy, Overflow, ProxyError, StreamParameters
+from ._director import (
+    Destination,
+    MirrorPolicy,
+    Overflow,
+    ProxyError,
+    StreamParameters,
+    status_of,
+)
 from ._metadata import MetadataValue, forwardable
 from ._mirror import Leg, call_err_handler, error_code, finish, task_cancelled
 from ._peeker import Peeker
@@ -86,9 +93,10 @@ async def run_finalizer(params: StreamParameters) -> BaseException | None:
         result = finalizer()
         if inspect.isawaitable(result):
             await result
-    except ProxyError as exc:
-        return exc
     except Exception as exc:
+        status = status_of(exc)
+        if status is not None:  # its code and details; an AioRpcError's text is a repr
+            return status
         logger.exception("request finalizer failed")
         return ProxyError(grpc.StatusCode.INTERNAL, f"request finalizer failed: {exc}")
     return None
