@@ -76,6 +76,20 @@ class _Status:
         return cls(grpc.StatusCode.INTERNAL, f"{prefix}: {inner.code.name}: {inner.details}")
 
 
+async def _connected(channel: grpc.aio.Channel, timeout: float | None) -> bool:
+    """Whether ``channel`` connects (a call on it would not fail fast) within ``timeout``."""
+    connectivity = grpc.ChannelConnectivity
+    state = channel.get_state(try_to_connect=True)
+    try:
+        async with asyncio.timeout(timeout):
+            while state in (connectivity.IDLE, connectivity.CONNECTING):
+                await channel.wait_for_state_change(state)
+                state = channel.get_state(try_to_connect=True)
+    except TimeoutError:
+        return False
+    return state is connectivity.READY
+
+
 def _timeout(context: Context, limit: float | None) -> float | None:
     # Deadlines are not inherited across grpcio calls: copy what is left of the client's.
     remaining: float | None = context.time_remaining()
@@ -115,6 +129,7 @@ class _Proxy:
         self.wait = params.wait_for_secondaries
         self.overflow = Overflow(params.secondary_overflow)
         self.legs: list[Leg] = []
+        self.secondaries = list(params.secondaries)
         self._inbound: tuple[tuple[str, MetadataValue], ...] | None = None
         self._primary_done = False
 
@@ -168,10 +183,52 @@ class _Proxy:
         await self.wait_legs()
         return _Status.of(wrapped)
 
+    async def reach_every_leg(self) -> _Status | None:
+        """Wait mode: connect to every destination before any of them gets a message.
+
+        Like the Go proxies (which open every stream first), a secondary that cannot be
+        reached fails the call with UNAVAILABLE before the primary runs the request, unless
+        its ``err_handler`` swallows the error: then the call goes on without it.
+        """
+        params = self.params
+        if not (self.wait and params.secondaries) or params.wait_for_ready:
+            return None
+        dsts = [params.primary, *params.secondaries]
+        try:
+            channels = [self.channel(dst) for dst in dsts]
+        except Exception:
+            return None  # opening the legs reports it
+        reached = await asyncio.gather(*(_connected(ch, self.primary_timeout())
+                                         for ch in channels))
+        if all(reached):
+            return None
+        down = [dst for dst, ok in zip(dsts, reached, strict=True) if not ok]
+        down_ids = {id(dst) for dst in down}
+        names = ", ".join(str(dst.channel) if isinstance(dst.channel, str) else "a channel"
+                          for dst in down)
+        what = "initiate primary stream" if not reached[0] else "initiate secondary stream"
+        error = ProxyError(grpc.StatusCode.UNAVAILABLE, f"{what}: cannot connect to {names}")
+        if reached[0]:
+            kept = []
+            for dst in params.secondaries:
+                if id(dst) in down_ids and await call_err_handler(dst, error) is None:
+                    finish(dst, grpc.StatusCode.UNAVAILABLE)
+                    continue  # swallowed: this call goes on without that secondary
+                kept.append(dst)
+            if all(id(dst) not in down_ids for dst in kept):
+                self.secondaries = kept
+                return None
+        for dst in dsts:
+            code = grpc.StatusCode.UNAVAILABLE if id(dst) in down_ids else grpc.StatusCode.CANCELLED
+            finish(dst, code)
+            await call_err_handler(dst, error)
+        self._primary_done = True
+        return _Status.of(error)
+
     async def open_legs(self, opener: Any) -> _Status | None:
         """Open every secondary with ``opener(channel, dst, timeout)``; a status on failure."""
         timeout = self.secondary_timeout()
-        secondaries = list(self.params.secondaries)
+        secondaries = list(self.secondaries)
         for index, dst in enumerate(secondaries):
             leg = Leg(dst, self.overflow)
             if not self.wait and not self.policy._admit():
@@ -249,6 +306,10 @@ async def handle_stream(context: Context, method: str, params: StreamParameters,
     """
     proxy = _Proxy(context, method, params, channels)
     primary = params.primary
+    status = await proxy.reach_every_leg()
+    if status is not None:
+        await proxy.finish(status, None)
+        return
     try:
         outgoing = proxy.channel(primary).stream_stream(method, None, None)(
             metadata=proxy.metadata(primary), timeout=proxy.primary_timeout(),
@@ -456,6 +517,10 @@ async def handle_unary(context: Context, method: str, request: bytes, params: St
     """
     proxy = _Proxy(context, method, params, channels)
     primary = params.primary
+    status = await proxy.reach_every_leg()
+    if status is not None:
+        await proxy.finish(status, None)
+        return None
     try:
         outgoing = proxy.channel(primary).unary_unary(method, None, None)(
             primary.msg if primary.msg is not None else request,
@@ -474,7 +539,7 @@ async def handle_unary(context: Context, method: str, request: bytes, params: St
             timeout=timeout, compression=params.compression,
             wait_for_ready=params.wait_for_ready)
 
-    status = await proxy.open_legs(open_secondary) if params.secondaries else None
+    status = await proxy.open_legs(open_secondary) if proxy.secondaries else None
     if status is not None:
         outgoing.cancel()
         await proxy.finish(status, None)
