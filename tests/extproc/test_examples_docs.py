@@ -94,7 +94,7 @@ def _ports_freed(config: dict[str, Any], callout: int, app: int) -> dict[str, An
 
 @pytest.mark.envoy
 def test_the_complete_config_serves_the_basic_example() -> None:
-    (block,) = [b for where, b in bootstraps() if where.startswith("envoy.md")]
+    (block,) = [b for where, b in bootstraps() if where.startswith("guide/envoy.md")]
     with Gateway(["basic"]) as gateway:  # for the callout server and the upstream
         callout = gateway.servers["basic"].plaintext_port or 0
         config = _ports_freed(yaml.safe_load(block), callout, gateway.upstream.port)
