@@ -363,7 +363,8 @@ async def test_path_rewrite_keeps_the_query() -> None:
     assert outcome.request.url == "/api/v2/pets?limit=2"
 
 
-@pytest.mark.parametrize("bad", ["", "relative/path", "/with space"])
+# "/with space" is not here: Go accepts it (and escapes it to /with%20space).
+@pytest.mark.parametrize("bad", ["", "relative/path", "/bad%zz", "http://[::1/x"])
 def test_url_must_parse_as_a_request_uri(bad: str) -> None:
     from calloutkit.tyk.testing import request_object
 

@@ -28,6 +28,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ..runtime._errors import CalloutError
+from ._gourl import URLError, parse_request_uri
 from ._headers import TOKEN, Headers, named
 from ._proto import Hook, Object, SessionState
 
@@ -35,7 +36,6 @@ logger = logging.getLogger(__name__)
 
 HeaderItems = Mapping[str, str] | Iterable[tuple[str, str]]
 
-_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:")
 _BAD_VALUE = re.compile(r"[\r\n\x00]")
 
 
@@ -80,14 +80,21 @@ def _as_bytes(value: bytes | bytearray | memoryview | str) -> bytes:
 
 
 def check_request_uri(url: str) -> None:
-    """Raise ValueError unless the gateway's ``url.ParseRequestURI`` would accept ``url``."""
-    if not isinstance(url, str) or not url:
+    """Raise ValueError unless the gateway's ``url.ParseRequestURI`` accepts ``url``.
+
+    The check is Go's own parser (see ``_gourl``): ``/a b`` and ``/a#b`` pass (Go escapes
+    them on the way upstream, ``/a%20b`` and ``/a%23b``), ``/a%zz`` and ``http://[::1/x`` do
+    not (the gateway would answer 500 "Middleware error").
+    """
+    if not isinstance(url, str):
+        raise ValueError(f"url must be a str, got {type(url).__name__}")
+    if not url:
         raise ValueError("url must not be empty: the gateway answers 500 for an empty url")
-    if not (url.startswith("/") or _SCHEME.match(url)):
-        raise ValueError(f"url {url!r} must be an absolute path (/...) or an absolute URI "
-                         "(scheme://...)")
-    if any(c in url for c in " \r\n\t\x00") or "#" in url:
-        raise ValueError(f"url {url!r} has a space, control character or fragment")
+    try:
+        parse_request_uri(url)
+    except URLError as exc:
+        raise ValueError(f"url {url!r} is refused by the gateway's url.ParseRequestURI "
+                         f"({exc.why})") from None
 
 
 class PluginRequest:
@@ -145,7 +152,8 @@ class PluginRequest:
     @url.setter
     def url(self, value: str) -> None:
         check_request_uri(value)
-        if "?" in value and urlsplit(value).query != urlsplit(self._request.url).query:
+        if "?" in value and urlsplit(value, allow_fragments=False).query != urlsplit(
+                self._request.url, allow_fragments=False).query:
             logger.warning("url %r changes the query string; the gateway rebuilds the query "
                            "from the parameters, so use set_param/delete_param", value)
         self._request.url = value
@@ -153,7 +161,7 @@ class PluginRequest:
     @property
     def path(self) -> str:
         """The path part of `url`."""
-        return urlsplit(str(self._request.url)).path
+        return urlsplit(str(self._request.url), allow_fragments=False).path
 
     @property
     def scheme(self) -> str:
