@@ -41,7 +41,7 @@ from ..runtime._invoke import Invoker
 from ..runtime._server import BaseServer, Handlers
 from ._call import PluginCall, PluginResponse, check_request_uri
 from ._events import EventHandler, GatewayEvent
-from ._proto import SERVICE_NAME, Event, EventReply, Hook, Object
+from ._proto import SERVICE_NAME, Event, EventReply, Hook, Object, without_text_bodies
 
 logger = logging.getLogger(__name__)
 
@@ -207,8 +207,12 @@ class TykPluginServer(BaseServer):
     async def dispatch_bytes(self, data: bytes) -> bytes:
         """Answer one serialised Object as the ``Dispatch`` RPC does, without the network.
 
+        The answer leaves out the text ``body`` copies: the gateway reads only ``raw_body``.
         Raises `StreamAbort` where the RPC would end with a gRPC status.
         """
+        return without_text_bodies(await self._dispatch(data))
+
+    async def _dispatch(self, data: bytes) -> bytes:
         try:
             obj = Object.FromString(data)
         except DecodeError as exc:
