@@ -29,7 +29,7 @@ async def example(name: str, **gateway: Any) -> AsyncIterator[Gateway]:
     server = server_class(**LOCAL)
     await server.start()
     try:
-        async with Gateway(f"127.0.0.1:{server.plaintext_port}", **gateway) as client:
+        async with Gateway(f"tcp://127.0.0.1:{server.plaintext_port}", **gateway) as client:
             yield client
     finally:
         await server.stop(1)

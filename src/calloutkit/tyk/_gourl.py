@@ -368,10 +368,10 @@ def parse_url(raw: str) -> URL:
     return url
 
 
-def parse_query(query: str) -> dict[str, list[str]]:
-    """Go's ``url.ParseQuery`` as ``URL.Query`` uses it: pairs holding a ``;`` or a bad
-    escape are dropped; values keep their order."""
-    values: dict[str, list[str]] = {}
+def query_pairs(query: str) -> list[tuple[str, str]]:
+    """The pairs Go's ``url.ParseQuery`` keeps, in order: a pair holding a ``;`` or a bad
+    escape is dropped."""
+    pairs = []
     for pair in _bytes(query).split(b"&"):
         if b";" in pair or not pair:
             continue
@@ -380,8 +380,17 @@ def parse_query(query: str) -> dict[str, list[str]]:
             key, value = _unescape(key, _QUERY_COMPONENT), _unescape(value, _QUERY_COMPONENT)
         except _Invalid:
             continue
-        values.setdefault(key.decode("utf-8", "surrogateescape"), []).append(
-            value.decode("utf-8", "surrogateescape"))
+        pairs.append((key.decode("utf-8", "surrogateescape"),
+                      value.decode("utf-8", "surrogateescape")))
+    return pairs
+
+
+def parse_query(query: str) -> dict[str, list[str]]:
+    """Go's ``url.ParseQuery`` as ``URL.Query`` uses it: `query_pairs` by key, values in
+    order."""
+    values: dict[str, list[str]] = {}
+    for key, value in query_pairs(query):
+        values.setdefault(key, []).append(value)
     return values
 
 
