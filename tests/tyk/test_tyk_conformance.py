@@ -725,3 +725,42 @@ async def test_a_reply_over_the_gateways_receive_limit_is_a_middleware_error(
     assert refused.response is not None and refused.response.status == 500
     assert refused.error is not None and "RESOURCE_EXHAUSTED" in refused.error
     assert allowed.response is None and len(allowed.request.body) == 5 * 1024 * 1024
+
+
+# -- statuses Go's WriteHeader can write ------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [0, 42, 99, 100, 101, 199, 1000])
+def test_helpers_refuse_statuses_go_cannot_answer_with(status: int) -> None:
+    from calloutkit.tyk.testing import request_object, response_object
+
+    call = PluginCall(request_object("pre", "x", HttpRequest()))
+    with pytest.raises(ValueError, match="expected 200-999"):
+        call.respond(status, "x")
+    response_call = PluginCall(response_object("x", HttpRequest(), HttpResponse()))
+    with pytest.raises(ValueError, match="expected 200-999"):
+        response_call.response.status = status
+
+
+@pytest.mark.parametrize("status", [200, 599, 799, 999])
+async def test_statuses_tyk_passes_are_accepted(status: int) -> None:
+    outcome = await run_pre(lambda call: call.respond(status, "x"), HttpRequest())
+    assert outcome.response is not None and outcome.response.status == status
+
+    def set_status(call: PluginCall) -> None:
+        call.response.status = status
+
+    server = TykPluginServer(plugins=[Plugin("r", set_status)], **LOCAL)
+    async with Gateway(server) as gateway:
+        res = await gateway.response_hook("r", HttpRequest(), HttpResponse(200, [], b"x"))
+    assert res.response is not None and res.response.status == status
+
+
+@pytest.mark.parametrize("code", [42, 150])
+async def test_a_raw_response_code_go_cannot_write_meets_the_error_policy(code: int) -> None:
+    def raw(call: PluginCall) -> None:
+        call.object.request.return_overrides.response_code = code
+
+    outcome = await run_pre(raw, HttpRequest())
+    assert outcome.response is not None and outcome.response.status == 500
+    assert outcome.response.json() == {"error": "internal error in plugin"}

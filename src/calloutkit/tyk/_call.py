@@ -79,6 +79,18 @@ def _as_bytes(value: bytes | bytearray | memoryview | str) -> bytes:
     return value.encode("utf-8") if isinstance(value, str) else bytes(value)
 
 
+def check_status(status: object, what: str = "HTTP status") -> int:
+    """Raise ValueError unless Go's ``WriteHeader`` writes ``status`` as a final answer.
+
+    Go panics below 100 and above 999; a 1xx is sent as an informational response and the
+    body that follows goes out under an implicit 200, so the client never sees the 1xx.
+    """
+    if not isinstance(status, int) or isinstance(status, bool) or not 200 <= status <= 999:
+        raise ValueError(f"invalid {what} {status!r}; expected 200-999 (Go's WriteHeader "
+                         "panics below 100 and follows a 1xx with an implicit 200)")
+    return status
+
+
 def check_request_uri(url: str) -> None:
     """Raise ValueError unless the gateway's ``url.ParseRequestURI`` accepts ``url``.
 
@@ -257,9 +269,7 @@ class PluginResponse:
 
     @status.setter
     def status(self, value: int) -> None:
-        if not isinstance(value, int) or not 100 <= value <= 599:
-            raise ValueError(f"invalid HTTP status {value!r}; expected 100-599")
-        self._response.status_code = value
+        self._response.status_code = check_status(value)
 
     @property
     def headers(self) -> Headers:
@@ -464,8 +474,7 @@ class PluginCall:
         The gateway carries this body as text: bytes must be UTF-8. A 200 here is an answer,
         not "carry on": to carry on, just return.
         """
-        if not isinstance(status, int) or not 100 <= status <= 599:
-            raise ValueError(f"invalid HTTP status {status!r}; expected 100-599")
+        check_status(status)
         pairs = _items(headers)
         if json is not ...:
             if body:
