@@ -234,7 +234,7 @@ async def test_tyk_plugin_servers_per_api_behind_one_proxy() -> None:
         default: shared
         """), **SERVER)
     await proxy.start()
-    target = f"127.0.0.1:{proxy.plaintext_port}"
+    target = f"tcp://127.0.0.1:{proxy.plaintext_port}"  # as coprocess_grpc_server
     try:
         body = b'{"pets": ' + b"1" * 50_000 + b"}"
         for api_id, team in [("api-1", "a"), ("api-2", "a"), ("api-3", "b"),

@@ -85,7 +85,11 @@ async def test_dispatch_the_seed_payload_from_a_file_and_from_stdin(
     code, out, err = await cli(capsys, "tyk", "dispatch", "-t", address, "--object",
                                str(PETSTORE))
     assert code == 0, err
-    assert json_format.Parse(out, Object()) == sent  # nobody registered: back unchanged
+    unchanged = Object()
+    unchanged.CopyFrom(sent)
+    unchanged.request.ClearField("body")
+    unchanged.response.ClearField("body")  # the gateway reads raw_body only
+    assert json_format.Parse(out, Object()) == unchanged  # nobody registered: back unchanged
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(PETSTORE.read_bytes())))
     code, out, err = await cli(capsys, "tyk", "dispatch", "-t", address, "--object", "-",
                                "--name", "Shout")
@@ -175,6 +179,8 @@ def test_serve_runs_an_example_and_dispatch_talks_to_it() -> None:
                          "--object", str(PETSTORE))
         assert result.returncode == 0, result.stderr
         sent = json_format.Parse(PETSTORE.read_text(), Object())
+        sent.request.ClearField("body")
+        sent.response.ClearField("body")  # the gateway reads raw_body only
         assert json_format.Parse(result.stdout, Object()) == sent
         logged = read_until(process, "Response plugin 'MyResponsePlugin'")
         assert "ce6528c0af7b43206b9cf736a5e5d1b4" in logged

@@ -29,7 +29,7 @@ async def example(name: str, **gateway: Any) -> AsyncIterator[Gateway]:
     server = server_class(**LOCAL)
     await server.start()
     try:
-        async with Gateway(f"127.0.0.1:{server.plaintext_port}", **gateway) as client:
+        async with Gateway(f"tcp://127.0.0.1:{server.plaintext_port}", **gateway) as client:
             yield client
     finally:
         await server.stop(1)
@@ -48,6 +48,8 @@ async def test_logging_prints_each_object_as_json_and_changes_nothing(
             pre = await gateway.request_hook(Hook.PRE, "MyPreRequestPlugin",
                                              HttpRequest("GET", "/pet/findByStatus?status=sold"))
             await gateway.dispatch_event(event_payload("AuthFailure", api_id="pets"))
+    payload.request.ClearField("body")
+    payload.response.ClearField("body")  # the gateway reads raw_body only
     assert returned == payload
     assert pre.returned.request.return_overrides.response_code == -1 and not pre.stopped
     messages = [r.getMessage() for r in caplog.records if r.name == "tyk_logging"]

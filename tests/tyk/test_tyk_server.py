@@ -30,7 +30,14 @@ from calloutkit.tyk import (
     SessionState,
     TykPluginServer,
 )
-from calloutkit.tyk.testing import HttpRequest, event_payload, request_object
+from calloutkit.tyk._proto import without_text_bodies
+from calloutkit.tyk.testing import (
+    HttpRequest,
+    HttpResponse,
+    event_payload,
+    request_object,
+    response_object,
+)
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 PETSTORE = EXAMPLES / "tyk_logging" / "petstore_response.json"
@@ -41,6 +48,20 @@ EVENT = "/coprocess.Dispatcher/DispatchEvent"
 
 def petstore() -> Object:
     return json_format.Parse(PETSTORE.read_text(), Object())
+
+
+def textless(data: bytes) -> Object:
+    """What the server answers for an unchanged Object: the text body copies left out."""
+    obj = Object.FromString(data)
+    for part in ("request", "response"):
+        if obj.HasField(part):
+            getattr(obj, part).ClearField("body")
+    return obj
+
+
+def echo(data: bytes) -> bytes:
+    """The bytes received minus the text bodies, everything else byte for byte."""
+    return without_text_bodies(data)
 
 
 def pre_object(name: str = "p", hook: Hook = Hook.PRE, **request: Any) -> Object:
@@ -89,7 +110,9 @@ def observe(call: PluginCall) -> None:
 async def test_petstore_payload_round_trips_byte_identical(serve: Any) -> None:
     client = await serve(TykPluginServer(plugins=[Plugin("MyResponsePlugin", observe)], **LOCAL))
     sent = petstore().SerializeToString()
-    assert await client.raw(sent) == sent
+    reply = await client.raw(sent)
+    assert reply == echo(sent) and Object.FromString(reply) == textless(sent)
+    assert len(reply) < len(sent)  # the petstore payload has text bodies
 
 
 async def test_unknown_fields_and_gateway_map_order_come_back_byte_identical(serve: Any) -> None:
@@ -105,7 +128,9 @@ async def test_unknown_fields_and_gateway_map_order_come_back_byte_identical(ser
             + b"\x22" + bytes([len(extra_session)]) + extra_session
             + b"\xa0\x01\x2a")
     assert Object.FromString(sent).SerializeToString() != sent  # reserialising would not do
-    assert await client.raw(sent) == sent
+    reply = await client.raw(sent)
+    assert reply == echo(sent) and Object.FromString(reply) == textless(sent)
+    assert reply.endswith(b"\xa0\x01\x2a") and extra_session in reply
 
 
 def tag(call: PluginCall) -> None:
@@ -116,7 +141,7 @@ async def test_a_changed_object_is_the_received_one_plus_the_change(serve: Any) 
     client = await serve(TykPluginServer(plugins=[Plugin("MyResponsePlugin", tag)], **LOCAL))
     sent = petstore().SerializeToString() + b"\xa0\x01\x2a"
     returned = await client.dispatch(sent)
-    expected = Object.FromString(sent)
+    expected = textless(sent)
     expected.request.set_headers["X-Tagged"] = "yes"
     assert returned == expected
     assert returned.SerializeToString().endswith(b"\xa0\x01\x2a")  # unknown field kept
@@ -406,7 +431,8 @@ async def test_policy_continue_echoes_what_was_received(serve: Any) -> None:
     client = await serve(failing_server(error_policy="continue"))
     for sent in (pre_object("raises"), pre_object("fresh"), petstore()):
         data = sent.SerializeToString()
-        assert await client.raw(data) == data
+        assert await client.raw(data) == echo(data)
+        assert Object.FromString(await client.raw(data)) == textless(data)
     missing = pre_object("ok")
     missing.request.ClearField("return_overrides")
     assert await client.raw(missing.SerializeToString()) == missing.SerializeToString()
@@ -590,3 +616,38 @@ def test_public_surface_is_sorted_and_documented() -> None:
                 assert inspect.getdoc(obj), f"{module.__name__}.{name} has no docstring"
     assert {"TykPluginServer", "Plugin", "PluginCall", "EventHandler", "GatewayEvent", "Hook",
             "Object", "SessionState"} <= set(calloutkit.tyk.__all__)
+
+
+# -- replies carry only what the gateway reads back ------------------------------------------
+
+
+def shout(call: PluginCall) -> None:
+    if call.hook is Hook.RESPONSE:
+        call.response.set_header("X-Shout", "yes")
+    else:
+        call.request.set_header("X-Shout", "yes")
+
+
+@pytest.mark.parametrize("name", ["shout", "nobody"])
+@pytest.mark.parametrize("hook", [Hook.PRE, Hook.RESPONSE])
+async def test_a_3_mib_body_fits_the_gateways_4_mib_receive_limit(serve: Any, hook: Hook,
+                                                                   name: str) -> None:
+    """The gateway sends a text body next to raw_body but reads only raw_body back; a reply
+    echoing both would be 6 MiB, which grpc-go's default 4 MiB receive limit refuses."""
+    body = b"x" * (3 * 1024 * 1024)
+    request = HttpRequest("POST", "/big", [("Content-Type", "text/plain")], body)
+    if hook is Hook.RESPONSE:
+        sent = response_object(name, HttpRequest("GET", "/big"), HttpResponse(200, [], body))
+    else:
+        sent = request_object(hook, name, request)
+    assert len(sent.SerializeToString()) > 6 * 1024 * 1024  # text body and raw_body both sent
+    client = await serve(TykPluginServer(plugins=[Plugin("shout", shout)], **LOCAL))
+    # A client with grpc's default receive limit, 4 MiB, as the gateway has by default.
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{client.port}") as channel:
+        reply = await channel.unary_unary(DISPATCH)(sent.SerializeToString(), timeout=30)
+    returned = Object.FromString(reply)
+    part = returned.response if hook is Hook.RESPONSE else returned.request
+    assert bytes(part.raw_body) == body and part.body == ""
+    if name == "shout":
+        headers = part.headers if hook is Hook.RESPONSE else part.set_headers
+        assert headers["X-Shout"] == "yes"

@@ -56,7 +56,8 @@ SERVER_OPTIONS: tuple[tuple[str, str, str], ...] = (
     ("address", "address", "TLS gRPC address HOST:PORT (default: DEFAULT_IP:8443)"),
     ("secure_address", "address", "same as --address"),
     ("port", "int", "port of the TLS address"),
-    ("plaintext_address", "address", "plaintext (h2c) gRPC address (default: DEFAULT_IP:8080)"),
+    ("plaintext_address", "address",
+     "plaintext (h2c) gRPC address, HOST:PORT or unix:/PATH (default: DEFAULT_IP:8080)"),
     ("plaintext_port", "int", "port of the plaintext address"),
     ("health_check_address", "address", "HTTP health address (default: DEFAULT_IP:8000)"),
     ("health_check_port", "int", "port of the HTTP health address"),
@@ -131,12 +132,32 @@ def merge_environment(options: Mapping[str, Any],
     return merged
 
 
+UNIX_PREFIX = "unix:"
+
+
+def is_unix(address: Address) -> bool:
+    """True for a unix socket address, ``("unix:/PATH", 0)``."""
+    return address[0].startswith(UNIX_PREFIX)
+
+
 def parse_address(value: object, option: str = "address") -> Address:
-    """Parse ``HOST:PORT`` (``[v6]:PORT`` for IPv6) or a ``(host, port)`` pair.
+    """Parse ``HOST:PORT`` (``[v6]:PORT`` for IPv6), ``unix:PATH`` or a ``(host, port)`` pair.
+
+    A unix socket (``unix:/run/plugin.sock``, ``unix:///run/plugin.sock``, or a relative
+    ``unix:plugin.sock``) becomes ``("unix:<absolute path>", 0)``: gRPC's own address form.
 
     >>> parse_address("127.0.0.1:8080")
     ('127.0.0.1', 8080)
+    >>> parse_address("unix:///run/plugin.sock")
+    ('unix:/run/plugin.sock', 0)
     """
+    if isinstance(value, str) and value.strip().startswith(UNIX_PREFIX):
+        path = value.strip()[len(UNIX_PREFIX):]
+        if path.startswith("//"):
+            path = path[2:]  # unix:///abs is the URI form of unix:/abs
+        if not path or "\x00" in path:
+            raise ConfigError(f"{option}: {value!r} names no socket path (expected unix:/PATH)")
+        return UNIX_PREFIX + os.path.abspath(path), 0
     if isinstance(value, tuple | list):
         if len(value) != 2:
             raise ConfigError(f"{option}: expected (host, port), got {value!r}")
@@ -169,6 +190,8 @@ def _parse_port(value: object, option: str) -> int:
 def format_address(address: Address) -> str:
     """``('::1', 80)`` -> ``'[::1]:80'``; ``('0.0.0.0', 80)`` -> ``'0.0.0.0:80'``."""
     host, port = address
+    if host.startswith(UNIX_PREFIX):
+        return host
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
@@ -270,6 +293,11 @@ class ServerConfig:
         workers = 1 if workers is None else workers
         if workers < 1:
             raise ConfigError(f"workers must be >= 1, got {workers}")
+        if health is not None and is_unix(health):
+            raise ConfigError("health_check_address: the HTTP health server needs HOST:PORT, "
+                              "not a unix socket (use combined_health_check for gRPC health)")
+        if workers > 1 and any(a is not None and is_unix(a) for a in (secure, plain)):
+            raise ConfigError("workers > 1 cannot share a unix socket; use HOST:PORT")
         if workers > 1 and any(a is not None and a[1] == 0 for a in (secure, plain, health)):
             raise ConfigError("workers > 1 needs fixed ports: with port 0 each worker would "
                               "listen somewhere else")
@@ -302,6 +330,9 @@ def _event_loop(choice: str | None) -> str:
 def _listener(address: Any, port: int | None, ip: str, default_port: int,
               option: str) -> Address:
     host, resolved_port = (ip, default_port) if address is None else parse_address(address, option)
+    if port is not None and host.startswith(UNIX_PREFIX):
+        raise ConfigError(f"{option.replace('address', 'port')}: a unix socket address "
+                          f"({host}) has no port")
     if port is not None:
         resolved_port = _parse_port(port, option.replace("address", "port"))
     return host, resolved_port

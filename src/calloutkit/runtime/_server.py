@@ -21,6 +21,7 @@ import os
 import signal
 import socket
 import ssl
+import stat
 import tempfile
 import threading
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -31,10 +32,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from ._config import (
+    UNIX_PREFIX,
     UNSET,
     ServerConfig,
     Unset,
     format_address,
+    is_unix,
     merge_environment,
 )
 from ._errors import ConfigError, StreamAbort
@@ -107,6 +110,9 @@ def _check_bindable(address: tuple[str, int], what: str, *, reuse_port: bool) ->
     gRPC's error.
     """
     host, port = address
+    if is_unix(address):
+        _check_unix_bindable(host[len(UNIX_PREFIX):], what)
+        return
     if port == 0:
         return
     try:
@@ -129,6 +135,24 @@ def _check_bindable(address: tuple[str, int], what: str, *, reuse_port: bool) ->
     if first_error is not None:
         raise ConfigError(f"cannot bind {what} listener {format_address(address)}: "
                           f"{first_error.strerror or first_error}")
+
+
+def _check_unix_bindable(path: str, what: str) -> None:
+    """gRPC replaces a socket file left at ``path``, even one a live server listens on, and
+    says nothing useful when the folder is missing: check both first."""
+    where = f"cannot bind {what} listener unix:{path}"
+    if not os.path.isdir(os.path.dirname(path)):
+        raise ConfigError(f"{where}: no folder {os.path.dirname(path)}")
+    if not os.path.exists(path):
+        return
+    if not stat.S_ISSOCK(os.stat(path).st_mode):
+        raise ConfigError(f"{where}: the path exists and is not a socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            return  # a socket file nobody listens on: gRPC replaces it
+    raise ConfigError(f"{where}: another server listens on it")
 
 
 def _loop_name(loop: asyncio.AbstractEventLoop) -> str:

@@ -28,6 +28,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ..runtime._errors import CalloutError
+from ._gourl import URLError, parse_request_uri
 from ._headers import TOKEN, Headers, named
 from ._proto import Hook, Object, SessionState
 
@@ -35,7 +36,6 @@ logger = logging.getLogger(__name__)
 
 HeaderItems = Mapping[str, str] | Iterable[tuple[str, str]]
 
-_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:")
 _BAD_VALUE = re.compile(r"[\r\n\x00]")
 
 
@@ -79,15 +79,34 @@ def _as_bytes(value: bytes | bytearray | memoryview | str) -> bytes:
     return value.encode("utf-8") if isinstance(value, str) else bytes(value)
 
 
+def check_status(status: object, what: str = "HTTP status") -> int:
+    """Raise ValueError unless Go's ``WriteHeader`` writes ``status`` as a final answer.
+
+    Go panics below 100 and above 999; a 1xx is sent as an informational response and the
+    body that follows goes out under an implicit 200, so the client never sees the 1xx.
+    """
+    if not isinstance(status, int) or isinstance(status, bool) or not 200 <= status <= 999:
+        raise ValueError(f"invalid {what} {status!r}; expected 200-999 (Go's WriteHeader "
+                         "panics below 100 and follows a 1xx with an implicit 200)")
+    return status
+
+
 def check_request_uri(url: str) -> None:
-    """Raise ValueError unless the gateway's ``url.ParseRequestURI`` would accept ``url``."""
-    if not isinstance(url, str) or not url:
+    """Raise ValueError unless the gateway's ``url.ParseRequestURI`` accepts ``url``.
+
+    The check is Go's own parser (see ``_gourl``): ``/a b`` and ``/a#b`` pass (Go escapes
+    them on the way upstream, ``/a%20b`` and ``/a%23b``), ``/a%zz`` and ``http://[::1/x`` do
+    not (the gateway would answer 500 "Middleware error").
+    """
+    if not isinstance(url, str):
+        raise ValueError(f"url must be a str, got {type(url).__name__}")
+    if not url:
         raise ValueError("url must not be empty: the gateway answers 500 for an empty url")
-    if not (url.startswith("/") or _SCHEME.match(url)):
-        raise ValueError(f"url {url!r} must be an absolute path (/...) or an absolute URI "
-                         "(scheme://...)")
-    if any(c in url for c in " \r\n\t\x00") or "#" in url:
-        raise ValueError(f"url {url!r} has a space, control character or fragment")
+    try:
+        parse_request_uri(url)
+    except URLError as exc:
+        raise ValueError(f"url {url!r} is refused by the gateway's url.ParseRequestURI "
+                         f"({exc.why})") from None
 
 
 class PluginRequest:
@@ -145,7 +164,8 @@ class PluginRequest:
     @url.setter
     def url(self, value: str) -> None:
         check_request_uri(value)
-        if "?" in value and urlsplit(value).query != urlsplit(self._request.url).query:
+        if "?" in value and urlsplit(value, allow_fragments=False).query != urlsplit(
+                self._request.url, allow_fragments=False).query:
             logger.warning("url %r changes the query string; the gateway rebuilds the query "
                            "from the parameters, so use set_param/delete_param", value)
         self._request.url = value
@@ -153,7 +173,7 @@ class PluginRequest:
     @property
     def path(self) -> str:
         """The path part of `url`."""
-        return urlsplit(str(self._request.url)).path
+        return urlsplit(str(self._request.url), allow_fragments=False).path
 
     @property
     def scheme(self) -> str:
@@ -249,9 +269,7 @@ class PluginResponse:
 
     @status.setter
     def status(self, value: int) -> None:
-        if not isinstance(value, int) or not 100 <= value <= 599:
-            raise ValueError(f"invalid HTTP status {value!r}; expected 100-599")
-        self._response.status_code = value
+        self._response.status_code = check_status(value)
 
     @property
     def headers(self) -> Headers:
@@ -456,8 +474,7 @@ class PluginCall:
         The gateway carries this body as text: bytes must be UTF-8. A 200 here is an answer,
         not "carry on": to carry on, just return.
         """
-        if not isinstance(status, int) or not 100 <= status <= 599:
-            raise ValueError(f"invalid HTTP status {status!r}; expected 100-599")
+        check_status(status)
         pairs = _items(headers)
         if json is not ...:
             if body:

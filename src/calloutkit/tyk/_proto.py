@@ -87,3 +87,80 @@ class Hook(enum.IntEnum):
     def tyk_name(self) -> str:
         """The name in ``coprocess.HookType``: ``Pre``, ``CustomKeyCheck``, ..."""
         return str(HookType.Name(self.value))
+
+
+
+# Field numbers of the text copies of the bodies: MiniRequestObject.body is 4 and
+# ResponseObject.body is 3, inside Object.request (3) and Object.response (7).
+_TEXT_BODY_OF = {3: 4, 7: 3}
+_LENGTH_DELIMITED = 2
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(data):
+            raise ValueError("truncated varint")
+        byte = data[pos]
+        value |= (byte & 0x7F) << shift
+        pos += 1
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+
+
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _fields(data: bytes) -> list[tuple[int, int, int, int, int]]:
+    """(number, wire type, key start, payload start, end) of each field of a message."""
+    out, pos = [], 0
+    while pos < len(data):
+        begin = pos
+        key, pos = _varint(data, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            payload, (_, end) = pos, _varint(data, pos)
+        elif wire in (1, 5):
+            payload, end = pos, pos + (8 if wire == 1 else 4)
+        elif wire == _LENGTH_DELIMITED:
+            length, payload = _varint(data, pos)
+            end = payload + length
+        else:
+            raise ValueError(f"unsupported wire type {wire}")
+        if end > len(data):
+            raise ValueError("truncated field")
+        out.append((number, wire, begin, payload, end))
+        pos = end
+    return out
+
+
+def without_text_bodies(data: bytes) -> bytes:
+    """A serialised Object minus ``request.body`` and ``response.body``; every other byte
+    stays as it was (unknown fields and map order included).
+
+    The gateway reads back only ``raw_body`` (request hooks since Tyk 2.8.0, Response hooks
+    always), so echoing the text copy only doubles the reply: a 3 MiB body would make a
+    6 MiB reply, over the gateway's default 4 MiB receive limit.
+    """
+    out, last = bytearray(), 0
+    for number, wire, begin, payload, end in _fields(data):
+        drop = _TEXT_BODY_OF.get(number)
+        if drop is None or wire != _LENGTH_DELIMITED:
+            continue
+        inner = data[payload:end]
+        kept = b"".join(inner[b:e] for n, _, b, _, e in _fields(inner) if n != drop)
+        if len(kept) == len(inner):
+            continue
+        key_end = _varint(data, begin)[1]
+        out += data[last:key_end] + _encode_varint(len(kept)) + kept
+        last = end
+    if last == 0:
+        return data
+    return bytes(out + data[last:])

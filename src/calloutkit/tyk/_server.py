@@ -39,9 +39,9 @@ from ..runtime._errors import (
 )
 from ..runtime._invoke import Invoker
 from ..runtime._server import BaseServer, Handlers
-from ._call import PluginCall, PluginResponse, check_request_uri
+from ._call import PluginCall, PluginResponse, check_request_uri, check_status
 from ._events import EventHandler, GatewayEvent
-from ._proto import SERVICE_NAME, Event, EventReply, Hook, Object
+from ._proto import SERVICE_NAME, Event, EventReply, Hook, Object, without_text_bodies
 
 logger = logging.getLogger(__name__)
 
@@ -207,8 +207,12 @@ class TykPluginServer(BaseServer):
     async def dispatch_bytes(self, data: bytes) -> bytes:
         """Answer one serialised Object as the ``Dispatch`` RPC does, without the network.
 
+        The answer leaves out the text ``body`` copies: the gateway reads only ``raw_body``.
         Raises `StreamAbort` where the RPC would end with a gRPC status.
         """
+        return without_text_bodies(await self._dispatch(data))
+
+    async def _dispatch(self, data: bytes) -> bytes:
         try:
             obj = Object.FromString(data)
         except DecodeError as exc:
@@ -369,8 +373,15 @@ def _check_returned(obj: Any, pristine: Any, hook: Hook) -> None:
             check_request_uri(obj.request.url)
         except ValueError as exc:
             raise CalloutError(str(exc)) from None
-    if hook is Hook.RESPONSE and not 100 <= obj.response.status_code <= 599:
-        raise CalloutError(f"response status {obj.response.status_code} is not an HTTP status")
+    # Only a status the plugin set: one the gateway sent is the gateway's business.
+    status, code = obj.response.status_code, obj.request.return_overrides.response_code
+    try:
+        if hook is Hook.RESPONSE and status != pristine.response.status_code:
+            check_status(status, "response status")
+        elif code > 0 and code != pristine.request.return_overrides.response_code:
+            check_status(code, "return_overrides.response_code")
+    except ValueError as exc:
+        raise CalloutError(str(exc)) from None
 
 
 def _wrong_return(result: Any) -> str:

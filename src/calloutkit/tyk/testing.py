@@ -6,6 +6,20 @@ gateway does: which fields it reads, in which order, what short-circuits, what b
 error, what a custom key check must return, how a Response hook's headers and body are rebuilt.
 It models the coprocess middleware only (no rate limits, quotas, policies or analytics).
 
+Where it follows Go rather than Python: the returned ``url`` is parsed with a port of Go's
+``url.ParseRequestURI`` and goes upstream escaped as Go escapes it (``/a b`` -> ``/a%20b``);
+the query is rebuilt with ``url.Values.Encode`` (keys sorted, values in order, pairs holding a
+``;`` dropped) when the parameters changed; a target is read with ``url.Parse`` as the gateway
+reads ``coprocess_grpc_server`` (``127.0.0.1:PORT`` is refused: write ``tcp://127.0.0.1:PORT``);
+replies over ``grpc_recv_max_size`` (4 MiB by default) fail as they do in the gateway. Errors
+use Tyk's XML template when the request's Content-Type is XML, and a plugin's Content-Type is
+replaced, not doubled.
+
+What it cannot follow: the JSON error message is escaped with ``json.dumps``, where Tyk uses
+Go's ``JSEscapeString`` (``<`` becomes ``\u003C``); headers are rebuilt in list order, where Go
+keeps a map; custom error templates (``error_<code>.json``) and ``hide_generator_header`` are
+not modelled; Go 1.26's stricter colons in http(s) hosts (Tyk 5.15) are not applied.
+
 - `request_object` and `response_object` build Objects as the gateway fills them;
 - `event_payload` builds a ``DispatchEvent`` payload as the gateway does;
 - `sync_multivalue_headers` is the gateway's Response-hook header sync.
@@ -14,7 +28,7 @@ Example::
 
     server = MyPlugins(plaintext_address=("127.0.0.1", 0), combined_health_check=True)
     await server.start()
-    async with Gateway(f"127.0.0.1:{server.plaintext_port}", api_id="1") as gateway:
+    async with Gateway(f"tcp://127.0.0.1:{server.plaintext_port}", api_id="1") as gateway:
         outcome = await gateway.request_hook(Hook.PRE, "MyPreRequestPlugin",
                                              HttpRequest("GET", "/api/pets?limit=1"))
         assert outcome.request.header("X-Plugin") == "calloutkit"
@@ -30,12 +44,13 @@ import json
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import grpc
 
 from ..runtime._errors import StreamAbort
-from ._call import check_request_uri, tyk_error_body
+from ._call import tyk_error_body
+from ._gourl import URLError, encode_query, parse_query, parse_request_uri, parse_url, query_pairs
 from ._headers import Headers, canonical_header_key, named
 from ._proto import DISPATCH_EVENT_METHOD, DISPATCH_METHOD, Event, EventReply, Hook, Object
 from ._server import TykPluginServer
@@ -47,12 +62,16 @@ __all__ = [
     "Outcome",
     "canonical_header_key",
     "event_payload",
+    "gateway_target",
     "request_object",
     "response_object",
     "sync_multivalue_headers",
 ]
 
 EMPTY_BUNDLE_HASH = hashlib.md5(b"").hexdigest()  # what the gateway sends
+#: grpc-go's default receive limit, which the gateway keeps unless grpc_recv_max_size is set.
+DEFAULT_RECV_MAX_SIZE = 4 * 1024 * 1024
+_XML_TYPES = ("application/xml", "text/xml", "application/soap+xml")
 
 
 def _first_values(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
@@ -102,11 +121,16 @@ class HttpRequest(_HeaderLookup):
 
     @property
     def path(self) -> str:
-        return urlsplit(self.url).path
+        return urlsplit(self.url, allow_fragments=False).path
+
+    @property
+    def raw_query(self) -> str:
+        return self.url.partition("?")[2]
 
     @property
     def query(self) -> list[tuple[str, str]]:
-        return parse_qsl(urlsplit(self.url).query, keep_blank_values=True)
+        """The query pairs Go's ``URL.Query`` keeps (a pair holding ``;`` is dropped)."""
+        return query_pairs(self.raw_query)
 
 
 @dataclasses.dataclass
@@ -171,7 +195,7 @@ def request_object(hook: Hook | int | str, name: str, request: HttpRequest, *,
     if not raw_body_only:
         req.body = _text(request.body)
     obj.spec.update({"OrgID": org_id, "APIID": api_id, "bundle_hash": EMPTY_BUNDLE_HASH})
-    if config_data is not None:
+    if config_data:  # the gateway sends config_data only when it is not empty
         obj.spec["config_data"] = json.dumps(config_data)
     if hook in (Hook.POST, Hook.POST_KEY_AUTH, Hook.RESPONSE) and session is not None:
         obj.session.CopyFrom(session)
@@ -241,10 +265,14 @@ class _DispatchError(Exception):
 class Gateway:
     """A model of Tyk Gateway's coprocess middleware in front of one plugin server.
 
-    ``target`` is ``HOST:PORT`` (``tcp://`` accepted, as in ``coprocess_grpc_server``) for
-    real gRPC, or a `TykPluginServer` to call in process. ``id_extractor`` names a header
-    whose value keys the custom-auth cache: while a stored session's
-    ``id_extractor_deadline`` is in the future, the plugin is not called.
+    ``target`` is a ``coprocess_grpc_server`` value (``tcp://HOST:PORT``,
+    ``unix:///PATH.sock``, ``dns:///HOST:PORT``, ``localhost:PORT``), read as the gateway reads
+    it: a value Go's ``url.Parse`` refuses, such as ``127.0.0.1:PORT``, raises ValueError (the
+    gateway would start without a plugin server). Or a `TykPluginServer` to call in process.
+    ``grpc_recv_max_size`` (default 4 MiB) and ``grpc_send_max_size`` (default 0: no limit)
+    are the gateway's message limits; a message over one fails as a gRPC error would.
+    ``id_extractor`` names a header whose value keys the custom-auth cache: while a stored
+    session's ``id_extractor_deadline`` is in the future, the plugin is not called.
 
     Example::
 
@@ -256,10 +284,15 @@ class Gateway:
 
     def __init__(self, target: str | TykPluginServer, *, api_id: str = "api",
                  org_id: str = "org", config_data: Any = None, id_extractor: str | None = None,
-                 timeout: float = 30.0) -> None:
+                 timeout: float = 30.0, grpc_recv_max_size: int = 0,
+                 grpc_send_max_size: int = 0) -> None:
         self.api_id, self.org_id, self.config_data = api_id, org_id, config_data
         self.id_extractor = id_extractor
         self.timeout = timeout
+        # As the gateway: a limit is applied only when > 0; receive defaults to grpc-go's.
+        self.recv_max_size = grpc_recv_max_size if grpc_recv_max_size > 0 else (
+            DEFAULT_RECV_MAX_SIZE)
+        self.send_max_size = grpc_send_max_size if grpc_send_max_size > 0 else None
         #: Sessions stored by custom key checks, by storage key.
         self.sessions: dict[str, Any] = {}
         self._server: TykPluginServer | None = None
@@ -267,7 +300,9 @@ class Gateway:
         if isinstance(target, TykPluginServer):
             self._server = target
         else:
-            self._channel = grpc.aio.insecure_channel(target.removeprefix("tcp://"))
+            options = [("grpc.max_receive_message_length", self.recv_max_size),
+                       ("grpc.max_send_message_length", self.send_max_size or -1)]
+            self._channel = grpc.aio.insecure_channel(gateway_target(target), options=options)
 
     async def __aenter__(self) -> Gateway:
         return self
@@ -283,12 +318,20 @@ class Gateway:
 
     async def _call(self, method: str, data: bytes) -> bytes:
         if self._server is not None:
+            if self.send_max_size is not None and len(data) > self.send_max_size:
+                raise _DispatchError(f"RESOURCE_EXHAUSTED: trying to send message larger than "
+                                     f"max ({len(data)} vs. {self.send_max_size})")
             try:
                 if method == DISPATCH_METHOD:
-                    return await self._server.dispatch_bytes(data)
-                return await self._server.dispatch_event_bytes(data)
+                    reply = await self._server.dispatch_bytes(data)
+                else:
+                    reply = await self._server.dispatch_event_bytes(data)
             except StreamAbort as abort:
                 raise _DispatchError(f"{abort.code.name}: {abort.details}") from None
+            if len(reply) > self.recv_max_size:
+                raise _DispatchError(f"RESOURCE_EXHAUSTED: received message larger than max "
+                                     f"({len(reply)} vs. {self.recv_max_size})")
+            return reply
         assert self._channel is not None
         call = self._channel.unary_unary(method)
         try:
@@ -320,7 +363,7 @@ class Gateway:
         if hook is Hook.CUSTOM_KEY_CHECK and self.id_extractor is not None:
             extracted = request.header(self.id_extractor)
             if not extracted:
-                outcome.response = _tyk_error(400, "Authorization field missing")
+                outcome.response = _tyk_error(request, 400, "Authorization field missing")
                 outcome.dispatched = False
                 return outcome
             cache_key = self.org_id + hashlib.md5(extracted.encode()).hexdigest()
@@ -335,9 +378,9 @@ class Gateway:
             returned = await self.dispatch(sent)
         except _DispatchError as exc:
             outcome.error = str(exc)
-            outcome.response = (_tyk_error(403, "Key not authorised")
+            outcome.response = (_tyk_error(request, 403, "Key not authorised")
                                 if hook is Hook.CUSTOM_KEY_CHECK
-                                else _tyk_error(500, "Middleware error"))
+                                else _tyk_error(request, 500, "Middleware error"))
             return outcome
         outcome.returned = returned
         self._apply_request(sent, returned, outcome)
@@ -358,22 +401,25 @@ class Gateway:
         for key, value in req.set_headers.items():
             upstream.headers = _without(upstream.headers, key)
             upstream.headers.append((canonical_header_key(key), value))
-        # 3. Query: from the original query, deletes then adds; extended_params is ignored.
-        params = [(k, v) for k, v in upstream.query if k not in set(req.delete_params)]
-        params = [(k, v) for k, v in params if k not in req.add_params]
-        params.extend(req.add_params.items())
-        # 4. URL: path from the returned url; the query re-encoded from step 3 if it differs.
+        # 3. Query: url.Values of the original query, deletes then sets (Values.Set replaces
+        # every value); extended_params is ignored.
+        params = parse_query(upstream.raw_query)
+        for key in req.delete_params:
+            params.pop(key, None)
+        for key, value in req.add_params.items():
+            params[key] = [value]
+        # 4. URL: url.ParseRequestURI of the returned url; its query is replaced by step 3's
+        # Values.Encode() when the two differ (reflect.DeepEqual).
         try:
-            check_request_uri(req.url)
-        except ValueError as exc:
+            parsed = parse_request_uri(req.url)
+        except URLError as exc:
             outcome.error = str(exc)
-            outcome.response = _tyk_error(500, "Middleware error")
+            outcome.response = _tyk_error(outcome.request, 500, "Middleware error")
             return
-        parts = urlsplit(req.url)
-        query = parts.query
-        if sorted(parse_qsl(query, keep_blank_values=True)) != sorted(params):
-            query = urlencode(sorted(params))
-        upstream.url = urlunsplit((parts.scheme, parts.netloc, parts.path, query, ""))
+        if parsed.query() != params:
+            parsed.raw_query = encode_query(params).encode()
+            parsed.force_query = False
+        upstream.url = parsed.string()
         # 5. Method.
         upstream.method = req.method
         # 7.-9. return_overrides: response_error wins; >= 400 renders the JSON error template
@@ -383,7 +429,7 @@ class Gateway:
         code = overrides.response_code
         if code >= 400 and not overrides.override_error:
             outcome.events.append("AuthFailure")
-            outcome.response = _tyk_error(code, body or "Key not authorised",
+            outcome.response = _tyk_error(upstream, code, body or "Key not authorised",
                                           list(overrides.headers.items()))
         elif code > 0:
             outcome.response = HttpResponse(code, list(overrides.headers.items()), body.encode())
@@ -394,7 +440,7 @@ class Gateway:
         token = metadata.get("token", "")
         if not returned.HasField("session") or not token:
             outcome.events.append("AuthFailure")
-            outcome.response = _tyk_error(403, "Forbidden")
+            outcome.response = _tyk_error(outcome.request, 403, "Forbidden")
             return
         session = type(returned.session)()
         session.CopyFrom(returned.session)
@@ -420,12 +466,12 @@ class Gateway:
             returned = await self.dispatch(sent)
         except _DispatchError as exc:
             outcome.error = str(exc)
-            outcome.response = _tyk_error(500, "Middleware error")
+            outcome.response = _tyk_error(request, 500, "Middleware error")
             return outcome
         outcome.returned = returned
         if not returned.HasField("response"):
             outcome.error = "the returned Object has no response"
-            outcome.response = _tyk_error(500, "Middleware error")
+            outcome.response = _tyk_error(request, 500, "Middleware error")
             return outcome
         res = returned.response
         multivalue = [(h.key, list(h.values)) for h in res.multivalue_headers]
@@ -438,7 +484,30 @@ class Gateway:
         return outcome
 
 
-def _tyk_error(status: int, message: str,
+def gateway_target(value: str) -> str:
+    """The gRPC target the gateway (v5.8.3+) dials for a ``coprocess_grpc_server`` value:
+    ``url.Parse`` first (an error means no plugin server), then ``tcp://`` stripped.
+
+    >>> gateway_target("tcp://127.0.0.1:5555")
+    '127.0.0.1:5555'
+    """
+    try:
+        parse_url(value)
+    except URLError as exc:
+        raise ValueError(f"coprocess_grpc_server {value!r}: the gateway's url.Parse refuses "
+                         f"it ({exc.why}); write tcp://{value}") from None
+    return value.removeprefix("tcp://")
+
+
+def _tyk_error(request: HttpRequest, status: int, message: str,
                headers: Sequence[tuple[str, str]] = ()) -> HttpResponse:
-    return HttpResponse(status, [*headers, ("Content-Type", "application/json"),
-                                 ("X-Generator", "tyk.io")], tyk_error_body(message).encode())
+    """Tyk's error handler: the XML template when the request's Content-Type is XML, else the
+    JSON one; its Content-Type replaces any the plugin set (``Header.Set``)."""
+    content_type = (request.header("Content-Type") or "").split(";")[0]
+    if content_type in _XML_TYPES:
+        body = f'<?xml version = "1.0" encoding = "UTF-8"?>\n<error>{message}</error>\n'
+    else:
+        content_type, body = "application/json", tyk_error_body(message)
+    return HttpResponse(status, [*_without(headers, "Content-Type"),
+                                 ("Content-Type", content_type), ("X-Generator", "tyk.io")],
+                        body.encode())
