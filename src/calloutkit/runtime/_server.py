@@ -519,11 +519,30 @@ class BaseServer(abc.ABC):
         if self.config.workers > 1:
             from ._workers import supervise
 
+            self._check_ports_unshared()
             code = supervise(self.config.workers, self._run_loop)
             if code:
                 raise SystemExit(code)
             return
         self._run_loop()
+
+    def _check_ports_unshared(self) -> None:
+        """Refuse to start workers on a port that another process's listener holds.
+
+        Workers bind with SO_REUSEPORT, so they would join the listeners of an earlier
+        generation still running (its supervisor killed, say) and share its connections
+        without a word. A probe without SO_REUSEPORT fails while any listener holds the port.
+        A lock file would miss a port held by anything but calloutkit, and could go stale.
+        """
+        cfg = self.config
+        for address, what in ((cfg.plaintext_address, "plaintext"), (cfg.secure_address, "TLS"),
+                              (cfg.health_check_address, "health check")):
+            if address is not None:
+                try:
+                    _check_bindable(address, what, reuse_port=False)
+                except ConfigError as exc:
+                    raise ConfigError(f"{exc} (workers of an earlier run still serving?)"
+                                      ) from None
 
     def _run_loop(self) -> None:
         factory = None
