@@ -231,7 +231,8 @@ class NetworkCalloutServer(BaseServer):
     @functools.cached_property
     def _stream(self) -> Callable[[AsyncIterator[npb.ProcessingRequest], Any],
                                   AsyncIterator[bytes]]:
-        return self._stream_function(self._new_context, self._answer)
+        # A stream here is a whole TCP connection: a drain lets open connections go on.
+        return self._stream_function(self._new_context, self._answer, end_idle_on_drain=False)
 
     def _new_context(self, grpc_context: Any) -> NetworkContext:
         return NetworkContext(grpc_context, self.new_state())

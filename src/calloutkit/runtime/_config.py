@@ -69,6 +69,8 @@ SERVER_OPTIONS: tuple[tuple[str, str, str], ...] = (
     ("private_key_path", "path", "PEM private key for TLS"),
     ("server_thread_count", "int", "threads that run synchronous callbacks"),
     ("grace_period", "float", "seconds streams in flight get to finish on shutdown"),
+    ("stream_idle_timeout", "float",
+     "end a stream that gets no message for this many seconds (default: never)"),
     ("max_message_size", "int", "largest gRPC message accepted or sent, in bytes"),
     ("reflection", "bool", "serve gRPC reflection"),
     ("workers", "int", "worker processes sharing the ports (Linux; needs fixed ports)"),
@@ -202,6 +204,7 @@ class ServerConfig:
     reflection: bool
     workers: int = 1
     event_loop: str = "asyncio"  # resolved: "uvloop" or "asyncio"
+    stream_idle_timeout: float | None = None  # None: streams may idle for ever
 
     @classmethod
     def build(
@@ -229,6 +232,7 @@ class ServerConfig:
         reflection: bool | None = None,
         workers: int | None = None,
         event_loop: str | None = None,
+        stream_idle_timeout: float | None = None,
     ) -> ServerConfig:
         """Resolve the documented constructor options into a validated config."""
         ip = default_ip or DEFAULT_IP
@@ -279,11 +283,15 @@ class ServerConfig:
             raise ConfigError(f"server_thread_count must be >= 1, got {server_thread_count}")
         if grace_period < 0:
             raise ConfigError(f"grace_period must be >= 0 seconds, got {grace_period}")
+        if stream_idle_timeout is not None and stream_idle_timeout < 0:
+            raise ConfigError(f"stream_idle_timeout must be >= 0 seconds (0: never), got "
+                              f"{stream_idle_timeout}")
         if max_message_size < 1024:
             raise ConfigError(f"max_message_size must be >= 1024 bytes, got {max_message_size}")
         return cls(secure, plain, health, secure_health_check, chain, key, server_thread_count,
                    float(grace_period), int(max_message_size), bool(reflection), workers,
-                   _event_loop(event_loop))
+                   _event_loop(event_loop),
+                   float(stream_idle_timeout) if stream_idle_timeout else None)
 
 
 def _event_loop(choice: str | None) -> str:

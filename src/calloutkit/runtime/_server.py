@@ -39,6 +39,7 @@ from ._config import (
 )
 from ._errors import ConfigError, StreamAbort
 from ._health import HttpHealthServer
+from ._idle import StreamWatch
 from ._invoke import CallbackPool, Invoker
 
 logger = logging.getLogger(__name__)
@@ -181,6 +182,7 @@ class BaseServer(abc.ABC):
         reflection: bool | Unset | None = UNSET,
         workers: int | Unset | None = UNSET,
         event_loop: str | Unset | None = UNSET,
+        stream_idle_timeout: float | Unset | None = UNSET,
         environ: Mapping[str, str] | None = None,
     ) -> None:
         options = merge_environment(dict(
@@ -192,7 +194,7 @@ class BaseServer(abc.ABC):
             private_key_path=private_key_path, server_thread_count=server_thread_count,
             secure_address=secure_address, disable_tls=disable_tls, grace_period=grace_period,
             max_message_size=max_message_size, reflection=reflection, workers=workers,
-            event_loop=event_loop),
+            event_loop=event_loop, stream_idle_timeout=stream_idle_timeout),
             environ)
         if options.get("reflection") is None:
             options["reflection"] = self.default_reflection
@@ -206,6 +208,7 @@ class BaseServer(abc.ABC):
         self._serving = False
         self._draining = False
         self._active_streams = 0
+        self._watches: set[StreamWatch] = set()
         self._idle: asyncio.Event | None = None
         self._stopped: asyncio.Event | None = None
         self._stop_task: asyncio.Task[None] | None = None
@@ -328,7 +331,7 @@ class BaseServer(abc.ABC):
             stream, request_deserializer=request_type.FromString)}
 
     def _stream_function(self, new_context: Callable[[Any], C],
-                         answer: Callable[[Any, C], Any],
+                         answer: Callable[[Any, C], Any], *, end_idle_on_drain: bool = True,
                          ) -> Callable[[AsyncIterator[Any], Any], AsyncIterator[bytes]]:
         """The handler of a stream-per-request protocol (ext_proc L7 and L4).
 
@@ -338,14 +341,36 @@ class BaseServer(abc.ABC):
         or a coroutine giving either: a reply that is ready at once costs no coroutine at
         all. (grpc.aio needs an async generator *function* here, hence the closure rather
         than a generator method.)
+
+        With ``end_idle_on_drain``, a drain ends a stream that waits for its next message at
+        once (UNAVAILABLE) instead of letting it hold the drain for the grace period; a
+        stream mid-callback sends its reply first.
         """
+        timeout = self.config.stream_idle_timeout
+        clock = asyncio.get_running_loop().time if timeout is not None else None
+
         async def stream(requests: AsyncIterator[Any], grpc_context: Any) -> AsyncIterator[bytes]:
             if not self._enter_stream():
                 await self._refuse(grpc_context)
                 return
+            watch = StreamWatch(timeout)
+            if end_idle_on_drain:
+                self._watches.add(watch)
             try:
                 context = new_context(grpc_context)
-                async for request in requests:
+                messages = requests.__aiter__()
+                while True:
+                    if self._draining and end_idle_on_drain:  # the grace is not for waiting
+                        raise StreamAbort(grpc.StatusCode.UNAVAILABLE, "server is draining")
+                    if clock is not None:
+                        watch.since = clock()
+                    watch.waiting = True
+                    try:
+                        request = await messages.__anext__()
+                    except StopAsyncIteration:
+                        break
+                    finally:
+                        watch.waiting = False
                     response = answer(request, context)
                     if response.__class__ is CoroutineType:
                         response = await response
@@ -356,7 +381,14 @@ class BaseServer(abc.ABC):
                                else response.SerializeToString())
             except StreamAbort as abort:
                 await grpc_context.abort(abort.code, abort.details)
+            except asyncio.CancelledError:
+                if watch.ending is None:
+                    raise
+                watch.uncancel()
+                await grpc_context.abort(*watch.ending)
             finally:
+                watch.close()
+                self._watches.discard(watch)
                 self._leave_stream()
 
         return stream
@@ -474,6 +506,10 @@ class BaseServer(abc.ABC):
         logger.info("draining: %d stream(s) in flight, grace %.1fs", self._active_streams, grace)
         if self._health_servicer is not None:
             await self._health_servicer.enter_graceful_shutdown()
+        # A stream waiting for its next message (Envoy waits on the upstream meanwhile) could
+        # hold the drain for the whole grace period; only streams mid-callback get the grace.
+        for watch in list(self._watches):
+            watch.end(grpc.StatusCode.UNAVAILABLE, "server is draining")
         if self._active_streams > 0:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), timeout=grace)
