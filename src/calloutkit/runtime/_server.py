@@ -21,7 +21,6 @@ import os
 import signal
 import socket
 import ssl
-import tempfile
 import threading
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from types import CoroutineType
@@ -41,6 +40,7 @@ from ._errors import ConfigError, StreamAbort
 from ._health import HttpHealthServer
 from ._idle import StreamWatch
 from ._invoke import CallbackPool, Invoker
+from ._tls import ServerTls
 
 logger = logging.getLogger(__name__)
 
@@ -183,6 +183,9 @@ class BaseServer(abc.ABC):
         workers: int | Unset | None = UNSET,
         event_loop: str | Unset | None = UNSET,
         stream_idle_timeout: float | Unset | None = UNSET,
+        client_ca: bytes | None = None,
+        client_ca_path: str | Unset | None = UNSET,
+        require_client_auth: bool | Unset | None = UNSET,
         environ: Mapping[str, str] | None = None,
     ) -> None:
         options = merge_environment(dict(
@@ -194,12 +197,14 @@ class BaseServer(abc.ABC):
             private_key_path=private_key_path, server_thread_count=server_thread_count,
             secure_address=secure_address, disable_tls=disable_tls, grace_period=grace_period,
             max_message_size=max_message_size, reflection=reflection, workers=workers,
-            event_loop=event_loop, stream_idle_timeout=stream_idle_timeout),
+            event_loop=event_loop, stream_idle_timeout=stream_idle_timeout,
+            client_ca_path=client_ca_path, require_client_auth=require_client_auth),
             environ)
         if options.get("reflection") is None:
             options["reflection"] = self.default_reflection
         self.config = ServerConfig.build(cert_chain=cert_chain, private_key=private_key,
-                                         **options)
+                                         client_ca=client_ca, **options)
+        self._tls = ServerTls(self.config) if self.config.cert_chain is not None else None
         self._pool = CallbackPool(self.config.thread_count)
         self._grpc: grpc.aio.Server | None = None
         self._health_servicer: health.aio.HealthServicer | None = None
@@ -423,8 +428,8 @@ class BaseServer(abc.ABC):
                 self.plaintext_port = self._bind(
                     server, cfg.plaintext_address, None, "plaintext")
             if cfg.secure_address is not None:
-                assert cfg.cert_chain is not None and cfg.private_key is not None
-                creds = grpc.ssl_server_credentials([(cfg.private_key, cfg.cert_chain)])
+                assert self._tls is not None
+                creds = self._tls.grpc_credentials()
                 self.secure_port = self._bind(server, cfg.secure_address, creds, "TLS")
             await server.start()
             self._grpc = server
@@ -466,17 +471,17 @@ class BaseServer(abc.ABC):
         return int(port)
 
     def _health_tls(self) -> ssl.SSLContext:
-        assert self.config.cert_chain is not None and self.config.private_key is not None
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        # ssl only loads certificates from files; keep them on disk just long enough to load.
-        with tempfile.TemporaryDirectory(prefix="calloutkit-") as tmp:
-            chain, key = os.path.join(tmp, "chain.pem"), os.path.join(tmp, "key.pem")
-            for path, data in ((chain, self.config.cert_chain), (key, self.config.private_key)):
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-                with os.fdopen(fd, "wb") as handle:
-                    handle.write(data)
-            context.load_cert_chain(chain, key)
-        return context
+        assert self._tls is not None
+        return self._tls.health_context()
+
+    def reload_certificates(self) -> bool:
+        """Re-read the TLS certificate, key and client CA files (what SIGHUP does).
+
+        New connections get the new certificate; connections already open, and their
+        streams, carry on. Unreadable or mismatched files are logged and the current
+        certificate stays. Returns True when the new files are in use.
+        """
+        return self._tls is not None and self._tls.reload()
 
     def _listening(self) -> list[str]:
         cfg, out = self.config, []
@@ -594,7 +599,14 @@ class BaseServer(abc.ABC):
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self._on_signal, sig)
+            loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         await self.serve()
+
+    def _on_sighup(self) -> None:
+        """SIGHUP: re-read the TLS files. A server kind that reloads more extends this."""
+        if self._tls is not None:
+            logger.info("SIGHUP: reloading TLS certificates")
+            self.reload_certificates()
 
     def _on_signal(self, sig: int) -> None:
         if self._stop_task is not None or self._draining:
