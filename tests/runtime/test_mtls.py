@@ -3,10 +3,12 @@ and certificates reloaded on SIGHUP without dropping the streams already open.""
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import os
 import shutil
 import signal
+import ssl
 import sys
 from typing import Any
 
@@ -18,8 +20,16 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.network_ext_proc.v3 import network_external_processor_pb2 as npb
 
-from calloutkit import ConfigError, PeerIdentity, ServerConfig
+from calloutkit import (
+    CalloutServer,
+    ConfigError,
+    NetworkCalloutServer,
+    PeerIdentity,
+    ProcessingResult,
+    ServerConfig,
+)
 from calloutkit.testing import http_headers
 
 METHOD = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
@@ -185,3 +195,67 @@ def test_mtls_options_are_checked(certs: Certs, tmp_path: Any) -> None:
     with pytest.raises(ConfigError, match=r"client CA .*ca\.txt' is not PEM"):
         ServerConfig.build(**tls, client_ca_path=str(not_pem))
     assert PeerIdentity.__doc__
+
+
+class NetworkPeer(NetworkCalloutServer):
+    async def on_read_data(self, data: bytes, end_of_stream: bool, context: Any) -> Any:
+        peer = context.peer_identity
+        who = f"{peer.common_name if peer else '-'}|{','.join(peer.uris if peer else ())}"
+        return ProcessingResult(who.encode(), True)
+
+
+async def test_an_l4_callback_sees_the_peer_too(certs: Certs) -> None:
+    clients = Authority("clients CA")
+    server = NetworkPeer(secure_address=("127.0.0.1", 0), disable_plaintext=True,
+                         combined_health_check=True, cert_chain_path=certs.cert_path,
+                         private_key_path=certs.key_path, client_ca=clients.pem)
+    await server.start()
+    try:
+        envoy = clients.issue("envoy-edge", x509.UniformResourceIdentifier("spiffe://mesh/edge"))
+        async with channel(server.secure_port, certs.ca_pem, envoy) as chan:
+            call = chan.stream_stream(
+                "/envoy.service.network_ext_proc.v3.NetworkExternalProcessor/Process",
+                request_serializer=npb.ProcessingRequest.SerializeToString,
+                response_deserializer=npb.ProcessingResponse.FromString)()
+            await call.write(npb.ProcessingRequest(read_data=npb.Data(data=b"hi")))
+            reply = await call.read()
+            await call.done_writing()
+        assert reply.read_data.data == b"envoy-edge|spiffe://mesh/edge"
+    finally:
+        await server.stop(0)
+
+
+async def test_the_https_health_listener_reloads_its_certificate_too(tmp_path: Any) -> None:
+    for name in ("old", "new", "live"):
+        (tmp_path / name).mkdir()
+    old, new = Certs(str(tmp_path / "old")), Certs(str(tmp_path / "new"))
+    live = tmp_path / "live"
+    for source in (old.cert_path, old.key_path):
+        shutil.copy(source, live / os.path.basename(source))
+    server = CalloutServer(secure_address=("127.0.0.1", 0), disable_plaintext=True,
+                           health_check_address=("127.0.0.1", 0), secure_health_check=True,
+                           cert_chain_path=str(live / "chain.pem"),
+                           private_key_path=str(live / "key.pem"))
+    await server.start()
+    try:
+        assert await probe(server.health_check_port, old.ca_pem) == b"HTTP/1.1 200 OK"
+        for source in (new.cert_path, new.key_path):
+            shutil.copy(source, live / os.path.basename(source))
+        assert server.reload_certificates()
+        assert await probe(server.health_check_port, new.ca_pem) == b"HTTP/1.1 200 OK"
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await probe(server.health_check_port, old.ca_pem)
+    finally:
+        await server.stop(0)
+
+
+async def probe(port: int | None, ca: bytes) -> bytes:
+    """The status line of an HTTPS GET to the health listener, trusting ``ca`` only."""
+    context = ssl.create_default_context(cadata=ca.decode())
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context,
+                                                   server_hostname="localhost")
+    try:
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        return (await reader.readline()).rstrip()
+    finally:
+        writer.close()

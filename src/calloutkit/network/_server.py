@@ -27,6 +27,7 @@ from google.protobuf import json_format, struct_pb2
 
 from ..runtime._errors import CalloutError, ErrorPolicy, StreamAbort, parse_error_policy
 from ..runtime._server import BaseServer, Handlers
+from ..runtime._tls import PeerIdentity, peer_identity
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +111,11 @@ class NetworkContext:
     def grpc_context(self) -> Any:
         """The underlying `grpc.aio.ServicerContext`."""
         return self._grpc
+
+    @property
+    def peer_identity(self) -> PeerIdentity | None:
+        """The client certificate Envoy presented (mTLS, ``client_ca_path``); else None."""
+        return peer_identity(self._grpc)
 
     @property
     def metadata(self) -> dict[str, Any]:
