@@ -40,6 +40,7 @@ from .runtime._config import ServerConfig, parse_address
 from .runtime._errors import CalloutError, CalloutKitError, ConfigError, ErrorPolicy, TargetError
 from .runtime._invoke import nonblocking
 from .runtime._server import BaseServer
+from .runtime._tls import PeerIdentity
 
 __version__ = "0.1.0"
 
@@ -56,6 +57,7 @@ __all__ = [
     "ErrorPolicy",
     "NetworkCalloutServer",
     "NetworkContext",
+    "PeerIdentity",
     "ProcessingResult",
     "ServerConfig",
     "TargetError",

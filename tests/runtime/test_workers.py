@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 import time
 
 import grpc
 import pytest
-from conftest import free_port, read_until, spawn, stop_process
+from conftest import free_port, read_until, run_cli, spawn, stop_process
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from calloutkit import ConfigError, ServerConfig
@@ -63,3 +64,55 @@ def test_workers_need_fixed_ports():
     with pytest.raises(ConfigError, match="fixed ports"):
         ServerConfig.build(plaintext_address=("127.0.0.1", 0), disable_tls=True,
                            combined_health_check=True, workers=2)
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie nobody has reaped yet counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_workers_die_with_a_killed_supervisor():
+    port = free_port()
+    process = spawn([sys.executable, "-m", "calloutkit", "serve",
+                     "tests/servers/pid_server.py", "--plaintext_address", f"127.0.0.1:{port}",
+                     "--combined_health_check", "--disable_tls", "--workers", "2"])
+    workers: list[int] = []
+    try:
+        line = read_until(process, "supervisor")
+        workers = [int(pid) for pid in line.rsplit("[", 1)[1].rstrip("]\n").split(", ")]
+        for _ in range(2):
+            read_until(process, "serving:")
+        assert {answering_pid(port) for _ in range(40)} == set(workers)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(10)
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline and any(_alive(pid) for pid in workers):
+            time.sleep(0.05)
+        assert [pid for pid in workers if _alive(pid)] == []
+    finally:
+        stop_process(process)
+        for pid in workers:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_workers_refuse_a_port_an_earlier_generation_holds():
+    # A listener with SO_REUSEPORT is what a stale worker looks like to the kernel: new
+    # workers would join it and share its connections.
+    with socket.socket() as stale:
+        stale.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        stale.bind(("127.0.0.1", 0))
+        stale.listen()
+        port = stale.getsockname()[1]
+        result = run_cli("serve", "tests/servers/pid_server.py", "--plaintext_address",
+                         f"127.0.0.1:{port}", "--combined_health_check", "--disable_tls",
+                         "--workers", "2", timeout=30)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1] == (f"calloutkit: error: cannot bind plaintext listener 127.0.0.1:{port}: "
+                         "Address already in use (workers of an earlier run still serving?)")
+    assert "Traceback" not in result.stderr and "supervisor" not in result.stderr

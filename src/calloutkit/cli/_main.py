@@ -47,6 +47,9 @@ def _addr(value: str) -> tuple[str, int] | None:
     return _address(value) if value else None
 
 
+# Flags whose default is the server's to choose (None), so they take a --no- form too.
+OPTIONAL_BOOLS = frozenset({"reflection", "require_client_auth"})
+
 _TYPES: dict[str, Callable[[str], Any]] = {"address": _address, "int": int, "float": float,
                                            "str": str, "path": str}
 
@@ -63,8 +66,8 @@ def add_server_arguments(parser: argparse.ArgumentParser, environ: Any = None) -
             default = PATH_DEFAULTS.get(option)
         if kind == "bool":
             group.add_argument(*flags, dest=option, action=argparse.BooleanOptionalAction
-                               if option == "reflection" else "store_true",
-                               default=default if option == "reflection" else bool(default),
+                               if option in OPTIONAL_BOOLS else "store_true",
+                               default=default if option in OPTIONAL_BOOLS else bool(default),
                                help=text)
         else:
             group.add_argument(*flags, dest=option, type=_TYPES[kind], default=default,

@@ -16,7 +16,7 @@ from ..proxy._routes import RoutingConfig
 from ..proxy._tyk import HOOK_TYPES
 from ..runtime._config import ENV_PREFIX, PATH_DEFAULTS, SERVER_OPTIONS, format_address
 from ..runtime._errors import ConfigError
-from ._main import add_server_arguments, server_kwargs
+from ._main import OPTIONAL_BOOLS, add_server_arguments, server_kwargs
 
 _BOOLS = {name for name, kind, _ in SERVER_OPTIONS if kind == "bool"}
 
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     for option in list(kwargs):
         # Defaults the parser filled in are no choice of the user's: they must not hide what
         # the file says, nor read as a wish for TLS.
-        if ((option in _BOOLS and option != "reflection" and kwargs[option] is False)
+        if ((option in _BOOLS and option not in OPTIONAL_BOOLS and kwargs[option] is False)
                 or kwargs[option] == PATH_DEFAULTS.get(option)):
             del kwargs[option]
     ProxyServer(routing, **kwargs).run()

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import grpc
 
 from ..runtime._errors import StreamAbort
+from ..runtime._tls import PeerIdentity, peer_identity
 
 if TYPE_CHECKING:
     from envoy.service.ext_proc.v3.external_processor_pb2 import HttpHeaders, ProcessingRequest
@@ -61,6 +62,12 @@ class CalloutContext:
     def grpc_context(self) -> Any:
         """The underlying `grpc.aio.ServicerContext` (None in `calloutkit.testing`)."""
         return self._grpc
+
+    @property
+    def peer_identity(self) -> PeerIdentity | None:
+        """The client certificate the peer (Envoy) presented, on a TLS listener with
+        ``client_ca_path``; None on plaintext or without one. See `PeerIdentity`."""
+        return peer_identity(self._grpc)
 
     def abort(self, code: grpc.StatusCode, details: str = "") -> NoReturn:
         """End the stream now with a gRPC status; Envoy then applies its failure policy.

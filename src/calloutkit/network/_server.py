@@ -27,6 +27,7 @@ from google.protobuf import json_format, struct_pb2
 
 from ..runtime._errors import CalloutError, ErrorPolicy, StreamAbort, parse_error_policy
 from ..runtime._server import BaseServer, Handlers
+from ..runtime._tls import PeerIdentity, peer_identity
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +111,11 @@ class NetworkContext:
     def grpc_context(self) -> Any:
         """The underlying `grpc.aio.ServicerContext`."""
         return self._grpc
+
+    @property
+    def peer_identity(self) -> PeerIdentity | None:
+        """The client certificate Envoy presented (mTLS, ``client_ca_path``); else None."""
+        return peer_identity(self._grpc)
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -231,7 +237,8 @@ class NetworkCalloutServer(BaseServer):
     @functools.cached_property
     def _stream(self) -> Callable[[AsyncIterator[npb.ProcessingRequest], Any],
                                   AsyncIterator[bytes]]:
-        return self._stream_function(self._new_context, self._answer)
+        # A stream here is a whole TCP connection: a drain lets open connections go on.
+        return self._stream_function(self._new_context, self._answer, end_idle_on_drain=False)
 
     def _new_context(self, grpc_context: Any) -> NetworkContext:
         return NetworkContext(grpc_context, self.new_state())

@@ -221,6 +221,7 @@ class ProxyServer(BaseServer):
         return True
 
     def _on_sighup(self) -> None:
+        super()._on_sighup()
         if self._reload_task is not None and not self._reload_task.done():
             self._reload_again = True
             return

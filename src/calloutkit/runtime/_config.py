@@ -68,8 +68,13 @@ SERVER_OPTIONS: tuple[tuple[str, str, str], ...] = (
     ("default_ip", "str", "IP for addresses not given in full (default 0.0.0.0)"),
     ("cert_chain_path", "path", "PEM certificate chain for TLS"),
     ("private_key_path", "path", "PEM private key for TLS"),
+    ("client_ca_path", "path", "PEM CA certificates a client's certificate must chain to (mTLS)"),
+    ("require_client_auth", "bool",
+     "refuse TLS clients without a certificate from client_ca_path (default: on with it)"),
     ("server_thread_count", "int", "threads that run synchronous callbacks"),
     ("grace_period", "float", "seconds streams in flight get to finish on shutdown"),
+    ("stream_idle_timeout", "float",
+     "end a stream that gets no message for this many seconds (default: never)"),
     ("max_message_size", "int", "largest gRPC message accepted or sent, in bytes"),
     ("reflection", "bool", "serve gRPC reflection"),
     ("workers", "int", "worker processes sharing the ports (Linux; needs fixed ports)"),
@@ -195,6 +200,14 @@ def format_address(address: Address) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def read_pem(path: str, what: str) -> bytes:
+    """Read a PEM file; `ConfigError` naming it when unreadable or not PEM."""
+    data = _read(path, what)
+    if b"-----BEGIN" not in data:
+        raise ConfigError(f"{what} {path!r} is not PEM (no '-----BEGIN' line)")
+    return data
+
+
 def _read(path: str, what: str) -> bytes:
     try:
         with open(path, "rb") as handle:
@@ -225,6 +238,13 @@ class ServerConfig:
     reflection: bool
     workers: int = 1
     event_loop: str = "asyncio"  # resolved: "uvloop" or "asyncio"
+    stream_idle_timeout: float | None = None  # None: streams may idle for ever
+    client_ca: bytes | None = None  # set: TLS clients need a certificate it signed
+    require_client_auth: bool = False
+    # Where the TLS material came from, to re-read on SIGHUP; None where given as bytes.
+    cert_chain_path: str | None = None
+    private_key_path: str | None = None
+    client_ca_path: str | None = None
 
     @classmethod
     def build(
@@ -252,6 +272,10 @@ class ServerConfig:
         reflection: bool | None = None,
         workers: int | None = None,
         event_loop: str | None = None,
+        stream_idle_timeout: float | None = None,
+        client_ca: bytes | None = None,
+        client_ca_path: str | None = None,
+        require_client_auth: bool | None = None,
     ) -> ServerConfig:
         """Resolve the documented constructor options into a validated config."""
         ip = default_ip or DEFAULT_IP
@@ -277,6 +301,23 @@ class ServerConfig:
                 secure = None
         else:
             secure = None
+        if client_ca is None and client_ca_path:
+            client_ca = read_pem(client_ca_path, "client CA")
+        elif client_ca is not None:
+            client_ca_path = None
+            if b"-----BEGIN" not in client_ca:
+                raise ConfigError("client CA is not PEM (no '-----BEGIN' line)")
+        if require_client_auth is None:
+            require_client_auth = client_ca is not None
+        if require_client_auth and client_ca is None:
+            raise ConfigError("require_client_auth needs client_ca_path: the CA a client's "
+                              "certificate must chain to")
+        if client_ca is not None and not require_client_auth:
+            raise ConfigError("client_ca_path with require_client_auth off: gRPC then asks "
+                              "clients for no certificate; drop one of the two")
+        if client_ca is not None and secure is None:
+            raise ConfigError("client_ca_path needs the TLS listener: set cert_chain_path and "
+                              "private_key_path (and leave disable_tls off)")
         if secure_health_check:
             if health is None:
                 raise ConfigError("secure_health_check needs a separate health check server "
@@ -307,11 +348,19 @@ class ServerConfig:
             raise ConfigError(f"server_thread_count must be >= 1, got {server_thread_count}")
         if grace_period < 0:
             raise ConfigError(f"grace_period must be >= 0 seconds, got {grace_period}")
+        if stream_idle_timeout is not None and stream_idle_timeout < 0:
+            raise ConfigError(f"stream_idle_timeout must be >= 0 seconds (0: never), got "
+                              f"{stream_idle_timeout}")
         if max_message_size < 1024:
             raise ConfigError(f"max_message_size must be >= 1024 bytes, got {max_message_size}")
         return cls(secure, plain, health, secure_health_check, chain, key, server_thread_count,
                    float(grace_period), int(max_message_size), bool(reflection), workers,
-                   _event_loop(event_loop))
+                   _event_loop(event_loop),
+                   float(stream_idle_timeout) if stream_idle_timeout else None,
+                   client_ca, bool(require_client_auth),
+                   cert_chain_path if chain is not None and cert_chain is None else None,
+                   private_key_path if key is not None and private_key is None else None,
+                   client_ca_path)
 
 
 def _event_loop(choice: str | None) -> str:

@@ -42,7 +42,9 @@ from ._config import (
 )
 from ._errors import ConfigError, StreamAbort
 from ._health import HttpHealthServer
+from ._idle import StreamWatch
 from ._invoke import CallbackPool, Invoker
+from ._tls import ServerTls
 
 logger = logging.getLogger(__name__)
 
@@ -205,6 +207,10 @@ class BaseServer(abc.ABC):
         reflection: bool | Unset | None = UNSET,
         workers: int | Unset | None = UNSET,
         event_loop: str | Unset | None = UNSET,
+        stream_idle_timeout: float | Unset | None = UNSET,
+        client_ca: bytes | None = None,
+        client_ca_path: str | Unset | None = UNSET,
+        require_client_auth: bool | Unset | None = UNSET,
         environ: Mapping[str, str] | None = None,
     ) -> None:
         options = merge_environment(dict(
@@ -216,12 +222,14 @@ class BaseServer(abc.ABC):
             private_key_path=private_key_path, server_thread_count=server_thread_count,
             secure_address=secure_address, disable_tls=disable_tls, grace_period=grace_period,
             max_message_size=max_message_size, reflection=reflection, workers=workers,
-            event_loop=event_loop),
+            event_loop=event_loop, stream_idle_timeout=stream_idle_timeout,
+            client_ca_path=client_ca_path, require_client_auth=require_client_auth),
             environ)
         if options.get("reflection") is None:
             options["reflection"] = self.default_reflection
         self.config = ServerConfig.build(cert_chain=cert_chain, private_key=private_key,
-                                         **options)
+                                         client_ca=client_ca, **options)
+        self._tls = ServerTls(self.config) if self.config.cert_chain is not None else None
         self._pool = CallbackPool(self.config.thread_count)
         self._grpc: grpc.aio.Server | None = None
         self._health_servicer: health.aio.HealthServicer | None = None
@@ -230,6 +238,7 @@ class BaseServer(abc.ABC):
         self._serving = False
         self._draining = False
         self._active_streams = 0
+        self._watches: set[StreamWatch] = set()
         self._idle: asyncio.Event | None = None
         self._stopped: asyncio.Event | None = None
         self._stop_task: asyncio.Task[None] | None = None
@@ -352,7 +361,7 @@ class BaseServer(abc.ABC):
             stream, request_deserializer=request_type.FromString)}
 
     def _stream_function(self, new_context: Callable[[Any], C],
-                         answer: Callable[[Any, C], Any],
+                         answer: Callable[[Any, C], Any], *, end_idle_on_drain: bool = True,
                          ) -> Callable[[AsyncIterator[Any], Any], AsyncIterator[bytes]]:
         """The handler of a stream-per-request protocol (ext_proc L7 and L4).
 
@@ -362,14 +371,36 @@ class BaseServer(abc.ABC):
         or a coroutine giving either: a reply that is ready at once costs no coroutine at
         all. (grpc.aio needs an async generator *function* here, hence the closure rather
         than a generator method.)
+
+        With ``end_idle_on_drain``, a drain ends a stream that waits for its next message at
+        once (UNAVAILABLE) instead of letting it hold the drain for the grace period; a
+        stream mid-callback sends its reply first.
         """
+        timeout = self.config.stream_idle_timeout
+        clock = asyncio.get_running_loop().time if timeout is not None else None
+
         async def stream(requests: AsyncIterator[Any], grpc_context: Any) -> AsyncIterator[bytes]:
             if not self._enter_stream():
                 await self._refuse(grpc_context)
                 return
+            watch = StreamWatch(timeout)
+            if end_idle_on_drain:
+                self._watches.add(watch)
             try:
                 context = new_context(grpc_context)
-                async for request in requests:
+                messages = requests.__aiter__()
+                while True:
+                    if self._draining and end_idle_on_drain:  # the grace is not for waiting
+                        raise StreamAbort(grpc.StatusCode.UNAVAILABLE, "server is draining")
+                    if clock is not None:
+                        watch.since = clock()
+                    watch.waiting = True
+                    try:
+                        request = await messages.__anext__()
+                    except StopAsyncIteration:
+                        break
+                    finally:
+                        watch.waiting = False
                     response = answer(request, context)
                     if response.__class__ is CoroutineType:
                         response = await response
@@ -380,7 +411,14 @@ class BaseServer(abc.ABC):
                                else response.SerializeToString())
             except StreamAbort as abort:
                 await grpc_context.abort(abort.code, abort.details)
+            except asyncio.CancelledError:
+                if watch.ending is None:
+                    raise
+                watch.uncancel()
+                await grpc_context.abort(*watch.ending)
             finally:
+                watch.close()
+                self._watches.discard(watch)
                 self._leave_stream()
 
         return stream
@@ -415,8 +453,8 @@ class BaseServer(abc.ABC):
                 self.plaintext_port = self._bind(
                     server, cfg.plaintext_address, None, "plaintext")
             if cfg.secure_address is not None:
-                assert cfg.cert_chain is not None and cfg.private_key is not None
-                creds = grpc.ssl_server_credentials([(cfg.private_key, cfg.cert_chain)])
+                assert self._tls is not None
+                creds = self._tls.grpc_credentials()
                 self.secure_port = self._bind(server, cfg.secure_address, creds, "TLS")
             await server.start()
             self._grpc = server
@@ -458,17 +496,17 @@ class BaseServer(abc.ABC):
         return int(port)
 
     def _health_tls(self) -> ssl.SSLContext:
-        assert self.config.cert_chain is not None and self.config.private_key is not None
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        # ssl only loads certificates from files; keep them on disk just long enough to load.
-        with tempfile.TemporaryDirectory(prefix="calloutkit-") as tmp:
-            chain, key = os.path.join(tmp, "chain.pem"), os.path.join(tmp, "key.pem")
-            for path, data in ((chain, self.config.cert_chain), (key, self.config.private_key)):
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-                with os.fdopen(fd, "wb") as handle:
-                    handle.write(data)
-            context.load_cert_chain(chain, key)
-        return context
+        assert self._tls is not None
+        return self._tls.health_context()
+
+    def reload_certificates(self) -> bool:
+        """Re-read the TLS certificate, key and client CA files (what SIGHUP does).
+
+        New connections get the new certificate; connections already open, and their
+        streams, carry on. Unreadable or mismatched files are logged and the current
+        certificate stays. Returns True when the new files are in use.
+        """
+        return self._tls is not None and self._tls.reload()
 
     def _listening(self) -> list[str]:
         cfg, out = self.config, []
@@ -498,6 +536,10 @@ class BaseServer(abc.ABC):
         logger.info("draining: %d stream(s) in flight, grace %.1fs", self._active_streams, grace)
         if self._health_servicer is not None:
             await self._health_servicer.enter_graceful_shutdown()
+        # A stream waiting for its next message (Envoy waits on the upstream meanwhile) could
+        # hold the drain for the whole grace period; only streams mid-callback get the grace.
+        for watch in list(self._watches):
+            watch.end(grpc.StatusCode.UNAVAILABLE, "server is draining")
         if self._active_streams > 0:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), timeout=grace)
@@ -543,11 +585,30 @@ class BaseServer(abc.ABC):
         if self.config.workers > 1:
             from ._workers import supervise
 
+            self._check_ports_unshared()
             code = supervise(self.config.workers, self._run_loop)
             if code:
                 raise SystemExit(code)
             return
         self._run_loop()
+
+    def _check_ports_unshared(self) -> None:
+        """Refuse to start workers on a port that another process's listener holds.
+
+        Workers bind with SO_REUSEPORT, so they would join the listeners of an earlier
+        generation still running (its supervisor killed, say) and share its connections
+        without a word. A probe without SO_REUSEPORT fails while any listener holds the port.
+        A lock file would miss a port held by anything but calloutkit, and could go stale.
+        """
+        cfg = self.config
+        for address, what in ((cfg.plaintext_address, "plaintext"), (cfg.secure_address, "TLS"),
+                              (cfg.health_check_address, "health check")):
+            if address is not None:
+                try:
+                    _check_bindable(address, what, reuse_port=False)
+                except ConfigError as exc:
+                    raise ConfigError(f"{exc} (workers of an earlier run still serving?)"
+                                      ) from None
 
     def _run_loop(self) -> None:
         factory = None
@@ -563,7 +624,14 @@ class BaseServer(abc.ABC):
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self._on_signal, sig)
+            loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         await self.serve()
+
+    def _on_sighup(self) -> None:
+        """SIGHUP: re-read the TLS files. A server kind that reloads more extends this."""
+        if self._tls is not None:
+            logger.info("SIGHUP: reloading TLS certificates")
+            self.reload_certificates()
 
     def _on_signal(self, sig: int) -> None:
         if self._stop_task is not None or self._draining:

@@ -6,15 +6,23 @@ worker drains as a single server would (and SIGHUP, for servers that reload on i
 kernel spreads new connections across the workers; connection age limits (set by the server
 when ``workers > 1``) make Envoy's few long-lived HTTP/2 connections reconnect now and then,
 so they spread too.
+
+A worker dies with its supervisor: should the supervisor be killed outright (SIGKILL, the OOM
+killer), the kernel sends each worker SIGTERM (Linux's parent-death signal) and the worker
+drains as on any SIGTERM. A worker also checks now and then that its parent is still the
+supervisor, in case the parent-death signal could not be set. Without both, a killed
+supervisor left its workers serving, and a new supervisor shared the port with them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from types import FrameType
@@ -25,6 +33,9 @@ logger = logging.getLogger(__name__)
 # it would only crash again (a bad port, a broken import).
 _FAST_DEATH_SECONDS = 1.0
 _FAST_DEATHS_ALLOWED = 5
+# How often a worker checks that its supervisor is alive, should the parent-death signal fail.
+_PARENT_CHECK_SECONDS = 1.0
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 def supervise(workers: int, serve: Callable[[], None]) -> int:
@@ -35,6 +46,8 @@ def supervise(workers: int, serve: Callable[[], None]) -> int:
     stopping = False
     fast_deaths = 0
 
+    supervisor = os.getpid()
+
     def spawn(index: int) -> None:
         pid = os.fork()
         if pid == 0:  # the worker
@@ -42,6 +55,7 @@ def supervise(workers: int, serve: Callable[[], None]) -> int:
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             # A server that reloads on SIGHUP installs its own handler; others must not die of it.
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            _die_with_parent(supervisor)
             os.environ["CALLOUTKIT_WORKER"] = str(index)
             code = 0
             try:
@@ -105,6 +119,31 @@ def supervise(workers: int, serve: Callable[[], None]) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Make this worker drain (SIGTERM) when ``parent``, its supervisor, dies."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+    except (OSError, AttributeError) as exc:
+        logger.warning("worker %d: no parent-death signal (%s); polling for the supervisor "
+                       "instead", os.getpid(), exc)
+        # Only without the signal: a second SIGTERM would cut the drain short.
+        threading.Thread(target=_watch_parent, args=(parent,), name="calloutkit-parent-watch",
+                         daemon=True).start()
+        return
+    # The supervisor may have died between the fork and the prctl: the kernel sent nothing.
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(_PARENT_CHECK_SECONDS)
+    logger.warning("worker %d: supervisor %d is gone; draining", os.getpid(), parent)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _signal(pid: int, sig: int) -> None:
