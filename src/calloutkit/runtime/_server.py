@@ -22,7 +22,6 @@ import signal
 import socket
 import ssl
 import stat
-import tempfile
 import threading
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from types import CoroutineType
