@@ -353,6 +353,35 @@ async def test_routes_tyk_calls_by_peeked_object(echo: Any, serve: Any) -> None:
     assert info.value.details() == "no route for /coprocess.Dispatcher/Dispatch"
 
 
+@pytest.mark.parametrize("depth", [1_000, 20_000])
+@pytest.mark.parametrize("shape", ["lists", "objects"])
+async def test_deeply_nested_event_payload_takes_the_default_route(echo: Any, serve: Any,
+                                                                   depth: int,
+                                                                   shape: str) -> None:
+    """A DispatchEvent whose JSON payload nests too deep to decode matches no Tyk route: the
+    call takes the default route instead of failing in the proxy."""
+    from calloutkit.tyk import Event
+
+    a, c = await backends(echo, "a", "c")
+    _, client = await serve(f"""
+        backends:
+          a: {{targets: {a.target}}}
+          c: {{targets: {c.target}}}
+        routes:
+          - match: {{tyk: {{handler_name: audit}}}}
+            backend: a
+        default: c
+        """)
+    opening, closing = ("[", "]") if shape == "lists" else ('{"spec":', "}")
+    payload = (opening * depth + "1" + closing * depth).encode()
+    event = client.raw_unary("/coprocess.Dispatcher/DispatchEvent")
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await event(Event(payload=payload).SerializeToString())
+    # The echo backends do not serve coprocess: reaching "c" shows the route.
+    assert info.value.code() == Code.UNIMPLEMENTED, info.value.details()
+    assert [len(echo["a"].received), len(echo["c"].received)] == [0, 1]
+
+
 async def test_round_robin_and_least_outstanding(echo: Any, serve: Any) -> None:
     a, b = await backends(echo, "a", "b")
     _, client = await serve(f"""
