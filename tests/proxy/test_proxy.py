@@ -418,6 +418,34 @@ async def test_finalizer_error_propagates(proxy: Proxy, backends: Backends) -> N
 
 
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("expose", [False, True])
+async def test_proxy_errors_carry_no_exception_text_unless_exposed(proxy: Proxy,
+                                                                   backends: Backends,
+                                                                   expose: bool) -> None:
+    """The proxy's own statuses name no address and no exception text by default; a
+    finalizer's or an err_handler's exception is only logged."""
+    a = await backends()
+    proxy.handler.expose_errors = expose
+
+    def finalizer() -> None:
+        raise ValueError("db at 10.9.8.7:5432 refused")
+
+    def handler(exc: BaseException) -> BaseException:
+        return KeyError("secret-key-name")
+
+    proxy.director = lambda m, c, p: to(a, req_finalizer=finalizer)
+    err = await rpc_error(proxy.echo.Unary(ping()))
+    assert err.code() == Code.INTERNAL
+    assert err.details() == ("request finalizer failed: db at 10.9.8.7:5432 refused" if expose
+                             else "request finalizer failed")
+    proxy.director = lambda m, c, p: StreamParameters(Destination(
+        a.target, err_handler=handler, metadata=[("x-fail", "NOT_FOUND:gone")]))
+    err = await rpc_error(proxy.echo.Unary(ping()))
+    assert (err.code(), err.details()) == (Code.INTERNAL,
+                                           "'secret-key-name'" if expose else "proxy error")
+
+
+@pytest.mark.parametrize("mode", MODES)
 async def test_finalizer_grpc_error_keeps_code_and_details(proxy: Proxy,
                                                            backends: Backends) -> None:
     a = await backends()
@@ -574,10 +602,11 @@ async def test_fail_destinations_that_cannot_open() -> None:
                                                               {"Bidi": local}))
     try:
         err = await rpc_error(proxy.echo.Bidi(iter([ping()])).read())
-        assert err.code() == Code.INTERNAL
-        assert err.details().startswith("initiate primary stream: ")
+        # The client learns what failed; the handlers (server side) also hear why.
+        assert (err.code(), err.details()) == (Code.INTERNAL, "initiate primary stream failed")
         assert [name for name, _ in seen] == ["primary", "secondary"]
         assert all(str(e) == str(seen[0][1]) for _, e in seen)
+        assert "no ChannelPool" in str(seen[0][1]) and "127.0.0.1:1" in str(seen[0][1])
     finally:
         await proxy.stop()
 
@@ -686,8 +715,12 @@ async def test_failing_secondary_waited_swallowed(proxy: Proxy, backends: Backen
     if kind == "unreachable":
         # like Praefect: UNAVAILABLE before any leg gets the request (no primary side effect)
         assert (err.code(), err.details()) == (
-            Code.UNAVAILABLE, f"initiate secondary stream: cannot connect to {c.target}")
+            Code.UNAVAILABLE, "initiate secondary stream: cannot connect")
         assert (len(a.received), len(b.received)) == before
+        proxy.handler.expose_errors = True  # the address only when asked for
+        err = await rpc_error(proxy.echo.Unary(ping()))
+        assert (err.code(), err.details()) == (
+            Code.UNAVAILABLE, f"initiate secondary stream: cannot connect to {c.target}")
     else:
         assert err.code() == Code.INTERNAL
         assert err.details().startswith("failed proxying to secondary: ")
