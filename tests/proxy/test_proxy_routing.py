@@ -642,6 +642,23 @@ async def test_reload_keeps_calls_in_flight(echo: Any, serve: Any, tmp_path: Pat
     assert (await client.echo.Unary(pb.Ping())).backend == "b"
 
 
+async def test_reload_applies_the_security_section(echo: Any, serve: Any,
+                                                   tmp_path: Path) -> None:
+    b, c = await backends(echo, "b", "c")
+    path = tmp_path / "routes.yaml"
+    routes = (f"backends: {{b: {{targets: {b.target}}}, c: {{targets: {c.target}}}}}\n"
+              "routes:\n  - {match: {metadata: {x-team: blue}}, backend: b}\ndefault: c\n")
+    path.write_text(routes)
+    server, client = await serve(RoutingConfig.load(path), expose_errors=True)
+    blue = [("x-team", "blue")]
+    assert (await client.echo.Unary(pb.Ping(), metadata=blue)).backend == "b"
+    path.write_text("security: {trusted_metadata: none, expose_errors: false}\n" + routes)
+    assert await server.reload()
+    assert (await client.echo.Unary(pb.Ping(), metadata=blue)).backend == "c"
+    assert server.security.expose_errors is True  # an argument beats the file, also on reload
+    assert server.handler.expose_errors is True
+
+
 def test_listener_precedence(tmp_path: Path) -> None:
     """Arguments, then CALLOUTKIT_* variables, then the file's listeners."""
     config = parse("""\
