@@ -164,8 +164,8 @@ async def test_backend_killed_mid_stream_then_restarted(spawned: list[Any]) -> N
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await stream.read()
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert info.value.details().startswith(
-            f"backend 'plugins' (127.0.0.1:{port}) unavailable: "), info.value.details()
+        # The proxy's own error names no address (the log does).
+        assert info.value.details() == "backend unavailable"
 
         # the proxy keeps serving: the other stream and new calls elsewhere are fine
         await other_stream.write(pb.Ping(value="o2"))

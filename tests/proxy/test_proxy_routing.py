@@ -162,6 +162,13 @@ def test_full_file_parses() -> None:
     ("backends: {a: {targets: x:1}}\nroutes:\n  - backend: a\n    match:\n      tyk:\n"
      "        handler_name: audit\n        hook_name: Pre\n",
      "routes.yaml:5: routes[0].match.tyk: handler_name (events) cannot be combined"),
+    ("security:\n  trusted_metadata: [10.0.0.0/33]\nbackends: {a: {targets: x:1}}\ndefault: a\n",
+     "routes.yaml:2: security.trusted_metadata: '10.0.0.0/33' is not an IP address or CIDR"),
+    ("security: {expose_errors: yes please}\nbackends: {a: {targets: x:1}}\ndefault: a\n",
+     "routes.yaml:1: security.expose_errors: expected true or false"),
+    ("security: {forward_reflections: true}\nbackends: {a: {targets: x:1}}\ndefault: a\n",
+     "routes.yaml:1: security.forward_reflections: unknown key (did you mean "
+     "'forward_reflection'?)"),
 ])
 def test_errors_name_file_line_and_key(text: str, expected: str) -> None:
     assert error_of(text).startswith(expected)
@@ -353,6 +360,35 @@ async def test_routes_tyk_calls_by_peeked_object(echo: Any, serve: Any) -> None:
     assert info.value.details() == "no route for /coprocess.Dispatcher/Dispatch"
 
 
+@pytest.mark.parametrize("depth", [1_000, 20_000])
+@pytest.mark.parametrize("shape", ["lists", "objects"])
+async def test_deeply_nested_event_payload_takes_the_default_route(echo: Any, serve: Any,
+                                                                   depth: int,
+                                                                   shape: str) -> None:
+    """A DispatchEvent whose JSON payload nests too deep to decode matches no Tyk route: the
+    call takes the default route instead of failing in the proxy."""
+    from calloutkit.tyk import Event
+
+    a, c = await backends(echo, "a", "c")
+    _, client = await serve(f"""
+        backends:
+          a: {{targets: {a.target}}}
+          c: {{targets: {c.target}}}
+        routes:
+          - match: {{tyk: {{handler_name: audit}}}}
+            backend: a
+        default: c
+        """)
+    opening, closing = ("[", "]") if shape == "lists" else ('{"spec":', "}")
+    payload = (opening * depth + "1" + closing * depth).encode()
+    event = client.raw_unary("/coprocess.Dispatcher/DispatchEvent")
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await event(Event(payload=payload).SerializeToString())
+    # The echo backends do not serve coprocess: reaching "c" shows the route.
+    assert info.value.code() == Code.UNIMPLEMENTED, info.value.details()
+    assert [len(echo["a"].received), len(echo["c"].received)] == [0, 1]
+
+
 async def test_round_robin_and_least_outstanding(echo: Any, serve: Any) -> None:
     a, b = await backends(echo, "a", "b")
     _, client = await serve(f"""
@@ -381,9 +417,11 @@ async def test_round_robin_and_least_outstanding(echo: Any, serve: Any) -> None:
     assert (await held).backend == busy
 
 
-async def test_passive_ejection(echo: Any, serve: Any) -> None:
+@pytest.mark.parametrize("expose", [False, True])
+async def test_passive_ejection(echo: Any, serve: Any, expose: bool) -> None:
     a, b = await backends(echo, "a", "b")
     server, client = await serve(f"""
+        security: {{expose_errors: {str(expose).lower()}}}
         backends:
           pool: {{targets: [{a.target}, {b.target}], eject_for: 30s}}
         default: pool
@@ -396,13 +434,102 @@ async def test_passive_ejection(echo: Any, serve: Any) -> None:
             outcomes.append((await client.echo.Unary(pb.Ping())).backend)
         except grpc.aio.AioRpcError as exc:
             outcomes.append(exc.code().name)
-            assert re.match(r"backend 'pool' \(127\.0\.0\.1:\d+\) unavailable: ", exc.details())
+            if expose:
+                assert re.match(r"backend 'pool' \(127\.0\.0\.1:\d+\) unavailable: ",
+                                exc.details())
+            else:  # the backend's name, address and the transport's error stay in the log
+                assert exc.details() == "backend unavailable"
     # at most one call hits the dead target; after that it is ejected
     assert outcomes.count("UNAVAILABLE") <= 1 and outcomes[-2:] == ["a", "a"]
     assert server.router is not None
     [target] = [t for t in server.router.backends["pool"].targets if t.address.endswith(
         f":{port}")]
     assert not target.healthy(time.monotonic())
+
+
+async def test_unreachable_backend_error_names_no_address(echo: Any, serve: Any) -> None:
+    (a,) = await backends(echo, "a")
+    address = a.target
+    _, client = await serve(f"""
+        backends: {{lone: {{targets: {address}}}}}
+        default: lone
+        """)
+    await a.stop()
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await client.echo.Unary(pb.Ping())
+    assert (info.value.code(), info.value.details()) == (Code.UNAVAILABLE,
+                                                          "backend unavailable")
+    assert address.rsplit(":", 1)[1] not in info.value.debug_error_string()
+
+
+@pytest.mark.parametrize("forward", [None, False, True])
+async def test_reflection_is_forwarded_only_when_switched_on(echo: Any, serve: Any,
+                                                             forward: bool | None) -> None:
+    """grpc.reflection.* through the proxy would describe the default backend to any caller."""
+    (a,) = await backends(echo, "a")
+    section = "" if forward is None else f"security: {{forward_reflection: {str(forward).lower()}}}"
+    _, client = await serve(f"""
+        {section}
+        backends: {{a: {{targets: {a.target}}}}}
+        default: a
+        """)
+    for method in ("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                   "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"):
+        call = client.channel.stream_stream(method, None, None)()
+        await call.write(b"")
+        await call.done_writing()
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call.read()
+        assert info.value.code() == Code.UNIMPLEMENTED  # the echo backend has no reflection
+    forwarded = [m for m in a.received if m.startswith("/grpc.reflection.")]
+    assert len(forwarded) == (2 if forward else 0)
+    assert (await client.echo.Unary(pb.Ping())).backend == "a"  # everything else is routed
+
+
+@pytest.mark.parametrize(("trusted", "option", "expected"), [
+    (None, None, "b"),                  # default: every peer's metadata routes
+    ("[127.0.0.0/8]", None, "b"),       # the caller is a trusted gateway
+    ('[10.0.0.0/8, "::1"]', None, "c"),  # an untrusted caller: metadata routes skipped
+    ("none", None, "c"),                # metadata routing off
+    ("none", "127.0.0.1", "b"),         # the option overrides the file
+    ("[127.0.0.1]", "none", "c"),
+])
+async def test_trusted_metadata_limits_metadata_routing(echo: Any, serve: Any,
+                                                        trusted: str | None, option: str | None,
+                                                        expected: str) -> None:
+    b, c = await backends(echo, "b", "c")
+    section = "" if trusted is None else f"security: {{trusted_metadata: {trusted}}}"
+    extra = {} if option is None else {"trusted_metadata": option}
+    _, client = await serve(f"""
+        {section}
+        backends:
+          b: {{targets: {b.target}}}
+          c: {{targets: {c.target}}}
+        routes:
+          - match: {{metadata: {{x-team: blue}}}}
+            backend: b
+        default: c
+        """, **extra)
+    got = await client.echo.Unary(pb.Ping(), metadata=[("x-team", "blue")])
+    assert got.backend == expected
+
+
+@pytest.mark.parametrize(("peer", "trusted", "ok"), [
+    ("ipv4:10.1.2.7:51234", ["10.1.2.0/24"], True),
+    ("ipv4:10.1.3.7:51234", ["10.1.2.0/24"], False),
+    ("ipv6:%5B::1%5D:4242", ["::1"], True),
+    ("ipv6:[::ffff:10.1.2.7]:4242", ["10.1.2.0/24"], True),
+    ("unix:/run/proxy.sock", ["10.0.0.0/8"], False),
+    ("unix:/run/proxy.sock", ["unix"], True),
+    ("garbage", ["0.0.0.0/0"], False),
+    ("", ["0.0.0.0/0"], False),
+])
+def test_metadata_trust_reads_grpc_peers(peer: str, trusted: list[str], ok: bool) -> None:
+    from calloutkit.proxy._trust import MetadataTrust
+
+    assert MetadataTrust(trusted).trusts(peer) is ok
+    assert MetadataTrust(None).trusts(peer) is True
+    assert MetadataTrust([]).trusts(peer) is False
 
 
 async def test_active_health_checks(echo: Any, serve: Any) -> None:
@@ -515,6 +642,23 @@ async def test_reload_keeps_calls_in_flight(echo: Any, serve: Any, tmp_path: Pat
     assert (await client.echo.Unary(pb.Ping())).backend == "b"
 
 
+async def test_reload_applies_the_security_section(echo: Any, serve: Any,
+                                                   tmp_path: Path) -> None:
+    b, c = await backends(echo, "b", "c")
+    path = tmp_path / "routes.yaml"
+    routes = (f"backends: {{b: {{targets: {b.target}}}, c: {{targets: {c.target}}}}}\n"
+              "routes:\n  - {match: {metadata: {x-team: blue}}, backend: b}\ndefault: c\n")
+    path.write_text(routes)
+    server, client = await serve(RoutingConfig.load(path), expose_errors=True)
+    blue = [("x-team", "blue")]
+    assert (await client.echo.Unary(pb.Ping(), metadata=blue)).backend == "b"
+    path.write_text("security: {trusted_metadata: none, expose_errors: false}\n" + routes)
+    assert await server.reload()
+    assert (await client.echo.Unary(pb.Ping(), metadata=blue)).backend == "c"
+    assert server.security.expose_errors is True  # an argument beats the file, also on reload
+    assert server.handler.expose_errors is True
+
+
 def test_listener_precedence(tmp_path: Path) -> None:
     """Arguments, then CALLOUTKIT_* variables, then the file's listeners."""
     config = parse("""\
@@ -575,6 +719,19 @@ def test_cli_check(tmp_path: Path) -> None:
     assert "default: everyone" in done.stdout
     assert "listeners: plaintext_address=127.0.0.1:5555, combined_health_check=True" \
         in done.stdout
+
+
+def test_cli_security_flags(tmp_path: Path) -> None:
+    path = tmp_path / "routes.yaml"
+    path.write_text(textwrap.dedent(FULL))
+    done = _cli("proxy", "--config", str(path), "--check")
+    assert "security: expose_errors=False, forward_reflection=False, trusted_metadata=any" \
+        in done.stdout
+    done = _cli("proxy", "--config", str(path), "--trusted-metadata", "10.0.0.0/99")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "calloutkit: error: trusted_metadata: '10.0.0.0/99' is not an IP address or CIDR "
+        "(e.g. 10.0.0.0/8, ::1, or 'unix')"]
 
 
 def test_cli_errors_are_one_line(tmp_path: Path) -> None:

@@ -33,6 +33,19 @@ def add_parser(subparsers: Any) -> None:
                         help="the routing file (or CALLOUTKIT_PROXY_CONFIG)")
     parser.add_argument("--check", action="store_true",
                         help="validate the routing file, print what it routes, and exit")
+    security = parser.add_argument_group(
+        "security", "override the routing file's security section (see docs/proxy.md)")
+    security.add_argument("--proxy-error-detail", dest="expose_errors", action="store_true",
+                          default=None,
+                          help="put backend addresses and exception text in the proxy's own "
+                               "error statuses (default: only in the log)")
+    security.add_argument("--forward-reflection", dest="forward_reflection",
+                          action="store_true", default=None,
+                          help="route grpc.reflection.* calls like any other (default: "
+                               "UNIMPLEMENTED)")
+    security.add_argument("--trusted-metadata", dest="trusted_metadata", metavar="PEERS",
+                          help="whose metadata may route calls: any, none, or "
+                               "CIDR[,CIDR...] (unix for a Unix socket listener)")
     add_server_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -47,6 +60,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from ..proxy._server import ProxyServer
 
+    security = {key: getattr(args, key) for key in ("expose_errors", "forward_reflection",
+                                                     "trusted_metadata")
+                if getattr(args, key) is not None}
     kwargs = server_kwargs(args)
     for option in list(kwargs):
         # Defaults the parser filled in are no choice of the user's: they must not hide what
@@ -54,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         if ((option in _BOOLS and option not in OPTIONAL_BOOLS and kwargs[option] is False)
                 or kwargs[option] == PATH_DEFAULTS.get(option)):
             del kwargs[option]
-    ProxyServer(routing, **kwargs).run()
+    ProxyServer(routing, **kwargs, **security).run()
     return 0
 
 
@@ -100,4 +116,9 @@ def describe(routing: RoutingConfig) -> str:
     lines.append("  default: " + (_route_line(routing.default).split(": ", 1)[1].replace(
         "everything -> ", "") if routing.default else "none (UNIMPLEMENTED)"))
     lines.append("unary fast path: " + (", ".join(sorted(routing.unary_methods)) or "none"))
+    security = routing.security
+    trusted = security.trusted_metadata
+    lines.append(f"security: expose_errors={security.expose_errors}, forward_reflection="
+                 f"{security.forward_reflection}, trusted_metadata="
+                 f"{'any' if trusted is None else ', '.join(trusted) or 'none'}")
     return "\n".join(lines)

@@ -32,8 +32,8 @@ _SERVING = health_pb2.HealthCheckResponse.SERVING
 class Target:
     """One server of a backend: its channel and what the proxy knows about its health."""
 
-    __slots__ = ("_fails", "_oks", "address", "backend", "channel", "check_ok", "ejected_until",
-                 "outstanding")
+    __slots__ = ("_fails", "_logged_at", "_oks", "address", "backend", "channel", "check_ok",
+                 "ejected_until", "outstanding")
 
     def __init__(self, backend: Backend, address: str, channel: grpc.aio.Channel) -> None:
         self.backend = backend
@@ -44,6 +44,7 @@ class Target:
         self.check_ok = True
         self._fails = 0
         self._oks = 0
+        self._logged_at = 0.0
 
     def healthy(self, now: float) -> bool:
         return self.check_ok and now >= self.ejected_until
@@ -61,12 +62,19 @@ class Target:
             self.ejected_until = 0.0  # it answered: it is back
         self.backend._maybe_close()
 
-    def explain(self, error: BaseException) -> BaseException:
-        """`Destination.err_handler` of a primary: say which backend was unavailable."""
+    def explain(self, error: BaseException, *, expose: bool = False) -> BaseException:
+        """`Destination.err_handler` of a primary: the client learns that a backend was
+        unavailable; which one, where and why goes to the log (and to the client too only
+        with ``expose``: addresses and transport errors are the proxy's to keep)."""
         if isinstance(error, grpc.RpcError) and error.code() is grpc.StatusCode.UNAVAILABLE:
+            detail = (f"backend {self.backend.name!r} ({self.address}) unavailable: "
+                      f"{error.details()}")
+            now = time.monotonic()
+            if now - self._logged_at >= 1.0:  # a dead backend fails every call: once a second
+                self._logged_at = now
+                logger.warning("%s", detail)
             return ProxyError(grpc.StatusCode.UNAVAILABLE,
-                              f"backend {self.backend.name!r} ({self.address}) unavailable: "
-                              f"{error.details()}")
+                              detail if expose else "backend unavailable")
         return error
 
     def note_check(self, ok: bool) -> None:

@@ -100,3 +100,19 @@ class MirroringConfig:
     timeout: float | None = 30.0
     max_in_flight: int = 100
     queue_size: int = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class SecurityConfig:
+    """What the proxy reveals and whom it believes (the routing file's ``security`` section).
+
+    ``expose_errors``: the proxy's own error statuses carry addresses and exception text
+    (otherwise a short fixed text, the detail only in the log). ``forward_reflection``:
+    ``grpc.reflection.*`` calls are routed like any other (otherwise UNIMPLEMENTED).
+    ``trusted_metadata``: None believes every peer's metadata; an empty tuple none; otherwise
+    only peers in these networks (or ``unix``) can meet a route's ``metadata`` condition.
+    """
+
+    expose_errors: bool = False
+    forward_reflection: bool = False
+    trusted_metadata: tuple[str, ...] | None = None

@@ -50,7 +50,8 @@ class TransparentHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
 
     Add it last, after any local services. ``director(method, context, peeker)`` chooses the
     backends for each call (see `StreamParameters`). ``channels`` turns target strings in
-    destinations into long-lived channels.
+    destinations into long-lived channels. ``expose_errors`` puts addresses and exception
+    text in the proxy's own error statuses (by default they are only logged).
 
     Example::
 
@@ -65,9 +66,10 @@ class TransparentHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
     """
 
     def __init__(self, director: Director, *, unary_methods: Iterable[str] = (),
-                 channels: ChannelPool | None = None) -> None:
+                 channels: ChannelPool | None = None, expose_errors: bool = False) -> None:
         self.director = director
         self.channels = channels
+        self.expose_errors = expose_errors
         self.set_unary_methods(unary_methods)
 
     def set_unary_methods(self, methods: Iterable[str]) -> None:
@@ -125,14 +127,16 @@ class TransparentHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
         peeker = Peeker(context)
         params = await self.direct(method, context, peeker)
         if params is not None:
-            await handle_stream(context, method, params, peeker=peeker, channels=self.channels)
+            await handle_stream(context, method, params, peeker=peeker, channels=self.channels,
+                                expose_errors=self.expose_errors)
 
     async def proxy_unary(self, method: str, request: bytes, context: Context) -> bytes | None:
         """Proxy one call known to be unary (the fast path)."""
         params = await self.direct(method, context, Peeker.of_request(request))
         if params is None:
             return None
-        return await handle_unary(context, method, request, params, channels=self.channels)
+        return await handle_unary(context, method, request, params, channels=self.channels,
+                                  expose_errors=self.expose_errors)
 
 
 def register_service(server: grpc.aio.Server, director: Director, service: str,

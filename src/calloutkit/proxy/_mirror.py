@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 
+from ._callstatus import StatusWatch
 from ._director import Destination, MirrorPolicy, Overflow, ProxyError
 
 logger = logging.getLogger(__name__)
@@ -76,8 +77,8 @@ def task_cancelled() -> bool:
 class Leg:
     """One secondary: its call, the queue feeding it, and the task draining its responses."""
 
-    __slots__ = ("_call", "_closed", "_forced", "_queue", "_sender", "_task", "dead", "dst",
-                 "error", "overflow")
+    __slots__ = ("_call", "_closed", "_forced", "_queue", "_sender", "_task", "_watch",
+                 "_writing", "dead", "dst", "error", "overflow")
 
     def __init__(self, dst: Destination, overflow: Overflow) -> None:
         self.dst = dst
@@ -90,6 +91,8 @@ class Leg:
         self._queue: asyncio.Queue[bytes | None] | None = None
         self._sender: asyncio.Task[None] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._watch: StatusWatch | None = None
+        self._writing = False
 
     # -- starting ---------------------------------------------------------------------------
 
@@ -100,6 +103,7 @@ class Leg:
             self._task = asyncio.ensure_future(self._drain_unary())
         else:
             self._queue = asyncio.Queue(queue_size)
+            self._watch = StatusWatch(call)
             self._sender = asyncio.ensure_future(self._send_loop())
             self._task = asyncio.ensure_future(self._drain_stream())
         if policy is not None:
@@ -165,22 +169,27 @@ class Leg:
                 frame = await self._queue.get()
                 if frame is None or self.dead:
                     break
+                self._writing = True
                 await call.write(frame)
+                self._writing = False
                 if self._closed and self._queue.empty():
                     break
             if not self.dead:
                 await call.done_writing()
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError):
-            pass  # the call already ended; the drain side reports how
+            # The call already ended; the drain side reports how.
+            if self._watch is not None:
+                self._watch.write_failed = True
 
     async def _drain_stream(self) -> None:
         call = self._call
         error: BaseException | None = None
         try:
-            while await call.read() is not grpc.aio.EOF:
+            # The iterator, not read(): see _callstatus.
+            async for _ in call:
                 pass
         except grpc.aio.AioRpcError as exc:
-            error = exc
+            error = await self._real_error(exc)
         except asyncio.CancelledError:
             if task_cancelled():
                 self._release()
@@ -197,6 +206,24 @@ class Leg:
             self._sender.cancel()
             await asyncio.gather(self._sender, return_exceptions=True)
         await self._conclude(self._forced or error)
+
+    async def _real_error(self, error: BaseException) -> BaseException | None:
+        """The status the call really ended with, not a write's failure recorded over it.
+
+        A mirror that stops reading (stuck, or cut off by its timeout) leaves a write in
+        flight; grpc.aio then records INTERNAL "Internal error from Core" in place of the
+        timeout or the backend's own status.
+        """
+        watch = self._watch
+        if watch is None:
+            return error
+        if self._writing:  # the sender has not seen its write fail yet, but it will
+            watch.write_failed = True
+        final = await watch.final()
+        if final.code is grpc.StatusCode.OK:
+            return None
+        real: BaseException = final.error()
+        return real
 
     async def _drain_unary(self) -> None:
         error: BaseException | None = None

@@ -7,17 +7,19 @@ routes that ask for Tyk fields. No route matches -> the default route, or UNIMPL
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping
 from typing import Any
 
 from ..runtime._config import DEFAULT_MAX_MESSAGE_SIZE
 from ._backends import Backend, Target
-from ._config import RouteConfig, TykMatch
+from ._config import RouteConfig, SecurityConfig, TykMatch
 from ._director import Destination, MirrorPolicy, StreamParameters
 from ._mirror import error_code
 from ._peeker import Peeker
 from ._routes import RoutingConfig
+from ._trust import MetadataTrust
 from ._tyk import DISPATCH, TykView, event_view, object_view
 
 logger = logging.getLogger(__name__)
@@ -79,8 +81,12 @@ class Router:
 
     def __init__(self, config: RoutingConfig, *, mirror: MirrorPolicy | None = None,
                  max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
-                 reuse: Mapping[str, Backend] | None = None) -> None:
+                 reuse: Mapping[str, Backend] | None = None,
+                 security: SecurityConfig | None = None) -> None:
         self.config = config
+        #: The file's ``security`` section, or what the proxy's options made of it.
+        self.security = security if security is not None else config.security
+        self._trust = MetadataTrust(self.security.trusted_metadata)
         self.mirror = mirror if mirror is not None else MirrorPolicy(
             timeout=config.mirroring.timeout, max_in_flight=config.mirroring.max_in_flight,
             queue_size=config.mirroring.queue_size)
@@ -118,8 +124,16 @@ class Router:
         """The route for one call, or None when nothing (not even a default) matches."""
         metadata: dict[str, list[Any]] | None = None
         view: TykView | None = None
+        trusted: bool | None = None
         for route in self.candidates(method):
             if route.metadata:
+                if trusted is None:
+                    trusted = self._trust.trusts(context.peer())
+                    if not trusted:
+                        logger.debug("%s from %s: metadata not trusted; metadata routes skipped",
+                                     method, context.peer())
+                if not trusted:
+                    continue
                 if metadata is None:
                     metadata = {}
                     for key, value in context.invocation_metadata() or ():
@@ -149,8 +163,11 @@ class Router:
             mirror: Target = self.backends[name].pick()
             mirrors.append(Destination(mirror.channel, err_handler=self._reports[route.name, name],
                                        on_finish=mirror.finish))
+        explain = target.explain
+        if self.security.expose_errors:
+            explain = functools.partial(target.explain, expose=True)
         return StreamParameters(
-            Destination(target.channel, err_handler=target.explain, on_finish=target.finish),
+            Destination(target.channel, err_handler=explain, on_finish=target.finish),
             mirrors, timeout=route.timeout, mirror=self.mirror)
 
     def retire_unused(self, successor: Router) -> None:

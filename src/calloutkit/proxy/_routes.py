@@ -14,6 +14,10 @@ A complete file::
       - /coprocess.Dispatcher/Dispatch
       - /coprocess.Dispatcher/DispatchEvent
     mirroring: {timeout: 5s, max_in_flight: 100, queue_size: 16}
+    security:                         # all off by default; see docs/proxy.md, threat model
+      expose_errors: false            # the proxy's own errors name no address, no exception
+      forward_reflection: false       # grpc.reflection.* calls get UNIMPLEMENTED
+      trusted_metadata: [10.0.0.0/8]  # only these peers' metadata can route (default: any)
     backends:
       team-a:
         targets: [10.0.0.5:5555, 10.0.0.6:5555]
@@ -45,7 +49,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..runtime._errors import ConfigError
-from ._config import BackendConfig, MirroringConfig, RouteConfig
+from ._config import BackendConfig, MirroringConfig, RouteConfig, SecurityConfig
 from ._validate import read
 
 
@@ -66,6 +70,7 @@ class RoutingConfig:
     default: RouteConfig | None
     unary_methods: frozenset[str]
     mirroring: MirroringConfig
+    security: SecurityConfig = dataclasses.field(default_factory=SecurityConfig)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> RoutingConfig:

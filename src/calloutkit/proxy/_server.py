@@ -10,6 +10,7 @@ channels, and a file that does not validate is logged and ignored.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import logging
 import os
@@ -18,11 +19,14 @@ import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import grpc
+
 from ..runtime._config import SERVER_OPTIONS, env_value
 from ..runtime._errors import ConfigError
 from ..runtime._server import BaseServer, Handlers
 from ._backends import Backend
 from ._channels import ChannelPool
+from ._config import SecurityConfig
 from ._director import Director, MirrorPolicy, StreamParameters
 from ._handler import WELL_KNOWN_UNARY, TransparentHandler
 from ._peeker import Peeker
@@ -30,10 +34,12 @@ from ._router import Router
 from ._routes import RoutingConfig
 from ._stream import Context
 from ._tyk import DISPATCH
+from ._validate import trusted_metadata as parse_trusted
 
 logger = logging.getLogger(__name__)
 
 _KINDS = {name: kind for name, kind, _ in SERVER_OPTIONS}
+_REFLECTION = "/grpc.reflection."
 
 
 class _ProxyHandler(TransparentHandler):
@@ -41,8 +47,19 @@ class _ProxyHandler(TransparentHandler):
 
     def __init__(self, server: ProxyServer, unary_methods: Iterable[str],
                  channels: ChannelPool) -> None:
-        super().__init__(server.direct, unary_methods=unary_methods, channels=channels)
+        super().__init__(server.direct, unary_methods=unary_methods, channels=channels,
+                         expose_errors=server.security.expose_errors)
         self._server = server
+
+    async def direct(self, method: str, context: Context,
+                     peeker: Peeker) -> StreamParameters | None:
+        # Reflection through the proxy would describe a backend (the default route's, mostly)
+        # to anyone who asks: only when the proxy is told to forward it.
+        if method.startswith(_REFLECTION) and not self._server.security.forward_reflection:
+            context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+            context.set_details(f"no route for {method}")
+            return None
+        return await super().direct(method, context, peeker)
 
     async def proxy_stream(self, method: str, request_iterator: Any, context: Context) -> None:
         server = self._server
@@ -72,7 +89,9 @@ class ProxyServer(BaseServer):
     override `direct`. Listener options in the file's ``listeners:`` section apply unless
     given here or in a ``CALLOUTKIT_*`` variable; all other constructor options are the
     runtime's (``plaintext_address``, ``grace_period``, ...). ``unary_methods`` overrides the
-    file's fast-path methods.
+    file's fast-path methods. ``expose_errors``, ``forward_reflection`` and
+    ``trusted_metadata`` (None, a list of networks, or ``[]`` for none) override the file's
+    ``security`` section when given.
 
     Example::
 
@@ -85,7 +104,9 @@ class ProxyServer(BaseServer):
 
     def __init__(self, config: str | os.PathLike[str] | RoutingConfig | None = None, *,
                  director: Director | None = None, unary_methods: Iterable[str] | None = None,
-                 mirror: MirrorPolicy | None = None, **options: Any) -> None:
+                 mirror: MirrorPolicy | None = None, expose_errors: bool | None = None,
+                 forward_reflection: bool | None = None,
+                 trusted_metadata: Iterable[str] | str | None = None, **options: Any) -> None:
         routing = config if isinstance(config, RoutingConfig) or config is None else (
             RoutingConfig.load(config))
         if routing is not None and director is not None:
@@ -97,6 +118,16 @@ class ProxyServer(BaseServer):
         if _plaintext_only(routing, options):
             options["disable_tls"] = True
         super().__init__(**options)
+        self._security_options: dict[str, Any] = {}
+        if expose_errors is not None:
+            self._security_options["expose_errors"] = expose_errors
+        if forward_reflection is not None:
+            self._security_options["forward_reflection"] = forward_reflection
+        if trusted_metadata is not None:
+            self._security_options["trusted_metadata"] = _trusted(trusted_metadata)
+        #: What the proxy reveals and whose metadata it believes: the file's ``security``
+        #: section with the options given here over it.
+        self.security = self._merge_security(routing)
         self.routing = routing
         self.mirror = mirror if mirror is not None else (
             _policy(routing) if routing is not None else MirrorPolicy())
@@ -146,7 +177,7 @@ class ProxyServer(BaseServer):
 
     async def start(self) -> None:
         if self.routing is not None and self._router is None:
-            self._router = Router(self.routing, mirror=self.mirror,
+            self._router = Router(self.routing, mirror=self.mirror, security=self.security,
                                   max_message_size=self.config.max_message_size)
             self._router.start()
         try:
@@ -207,8 +238,10 @@ class ProxyServer(BaseServer):
         if not self._fixed_unary:
             self.handler.set_unary_methods(fresh.unary_methods)
         old, self.routing = self._router, fresh
+        self.security = self._merge_security(fresh)
+        self.handler.expose_errors = self.security.expose_errors
         if old is not None and not self._closed:
-            router = Router(fresh, mirror=self.mirror, reuse=old.backends,
+            router = Router(fresh, mirror=self.mirror, reuse=old.backends, security=self.security,
                             max_message_size=self.config.max_message_size)
             router.start()
             self._router = router
@@ -219,6 +252,10 @@ class ProxyServer(BaseServer):
         logger.info("reloaded %s: %d route(s), %d backend(s)", fresh.path, len(fresh.routes),
                     len(fresh.backends))
         return True
+
+    def _merge_security(self, routing: RoutingConfig | None) -> SecurityConfig:
+        base = routing.security if routing is not None else SecurityConfig()
+        return dataclasses.replace(base, **self._security_options)
 
     def _on_sighup(self) -> None:
         super()._on_sighup()
@@ -239,6 +276,15 @@ class ProxyServer(BaseServer):
         if threading.current_thread() is threading.main_thread():
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._on_sighup)
         await super()._run_with_signals()
+
+
+def _trusted(value: Iterable[str] | str) -> tuple[str, ...] | None:
+    """``trusted_metadata`` as given to `ProxyServer` (``"any"``, ``"none"``, networks);
+    ConfigError names a bad network."""
+    try:
+        return parse_trusted(value if isinstance(value, str) else list(value) or False)
+    except ValueError as exc:
+        raise ConfigError(f"trusted_metadata: {exc}") from None
 
 
 def _service_names(routing: RoutingConfig) -> list[str]:

@@ -11,6 +11,11 @@ protobuf or not. For one call on the stream path:
 - a header task forwards the primary's response headers the moment they arrive, before any
   message and also when the primary then fails.
 
+The proxy's own statuses (it could not open a leg, reach a destination, read the client, or
+a finalizer or ``err_handler`` raised) say what failed in a fixed text; the addresses and
+exception text behind it go to the log, and to the client only with ``expose_errors``. A
+backend's status is never rewritten.
+
 The outcome, in order of precedence: an error reading the client (INTERNAL "failed proxying
 c2s"); the primary's error after its ``err_handler`` (code, details and trailers unchanged);
 in wait mode, a secondary's error its handler did not swallow (INTERNAL "failed proxying to
@@ -61,19 +66,31 @@ class _Status:
         self.details = details
 
     @classmethod
-    def of(cls, error: BaseException) -> _Status:
+    def of(cls, error: BaseException, expose: bool = False) -> _Status:
         if isinstance(error, ProxyError):
             return cls(error.code, error.details)
         if isinstance(error, grpc.RpcError):
             code, details = error.code(), error.details()
             if isinstance(code, grpc.StatusCode):
                 return cls(code, details or "")
-        return cls(grpc.StatusCode.INTERNAL, str(error) or type(error).__name__)
+        # Not a status anyone chose: an exception's text is for the log, not the client.
+        detail = str(error) or type(error).__name__
+        logger.warning("proxy error: %s", detail)
+        return cls(grpc.StatusCode.INTERNAL, detail if expose else "proxy error")
 
     @classmethod
-    def wrapped(cls, prefix: str, error: BaseException) -> _Status:
-        inner = cls.of(error)
+    def wrapped(cls, prefix: str, error: BaseException, expose: bool = False) -> _Status:
+        inner = cls.of(error, expose)
+        if not expose:  # a secondary's details may be a transport error naming its address
+            logger.warning("%s: %s: %s", prefix, inner.code.name, inner.details)
+            return cls(grpc.StatusCode.INTERNAL, f"{prefix}: {inner.code.name}")
         return cls(grpc.StatusCode.INTERNAL, f"{prefix}: {inner.code.name}: {inner.details}")
+
+    @classmethod
+    def own(cls, code: grpc.StatusCode, public: str, detail: str, expose: bool) -> _Status:
+        """A status of the proxy's own: ``detail`` logged, and sent only with ``expose``."""
+        logger.warning("%s", detail)
+        return cls(code, detail if expose else public)
 
 
 async def _connected(channel: grpc.aio.Channel, timeout: float | None) -> bool:
@@ -98,7 +115,7 @@ def _timeout(context: Context, limit: float | None) -> float | None:
     return remaining if limit is None else min(remaining, limit)
 
 
-async def run_finalizer(params: StreamParameters) -> BaseException | None:
+async def run_finalizer(params: StreamParameters, expose: bool = False) -> BaseException | None:
     """Run ``params.req_finalizer`` once; the error it raised, if any."""
     finalizer = params.req_finalizer
     if finalizer is None:
@@ -112,7 +129,8 @@ async def run_finalizer(params: StreamParameters) -> BaseException | None:
         if status is not None:  # its code and details; an AioRpcError's text is a repr
             return status
         logger.exception("request finalizer failed")
-        return ProxyError(grpc.StatusCode.INTERNAL, f"request finalizer failed: {exc}")
+        return ProxyError(grpc.StatusCode.INTERNAL, f"request finalizer failed: {exc}" if expose
+                          else "request finalizer failed")
     return None
 
 
@@ -120,8 +138,9 @@ class _Proxy:
     """What one proxied call shares between its steps, on either path."""
 
     def __init__(self, context: Context, method: str, params: StreamParameters,
-                 channels: ChannelPool | None) -> None:
+                 channels: ChannelPool | None, expose: bool = False) -> None:
         self.context = context
+        self.expose = expose
         self.method = method
         self.params = params
         self.channels = channels
@@ -181,7 +200,7 @@ class _Proxy:
         for leg in self.legs:
             leg.abort(wrapped)
         await self.wait_legs()
-        return _Status.of(wrapped)
+        return _Status.own(code, f"{what} failed", wrapped.details, self.expose)
 
     async def reach_every_leg(self) -> _Status | None:
         """Wait mode: connect to every destination before any of them gets a message.
@@ -208,6 +227,7 @@ class _Proxy:
                           for dst in down)
         what = "initiate primary stream" if not reached[0] else "initiate secondary stream"
         error = ProxyError(grpc.StatusCode.UNAVAILABLE, f"{what}: cannot connect to {names}")
+        public = f"{what}: cannot connect"
         if reached[0]:
             kept = []
             for dst in params.secondaries:
@@ -223,7 +243,7 @@ class _Proxy:
             finish(dst, code)
             await call_err_handler(dst, error)
         self._primary_done = True
-        return _Status.of(error)
+        return _Status.own(error.code, public, error.details, self.expose)
 
     async def open_legs(self, opener: Any) -> _Status | None:
         """Open every secondary with ``opener(channel, dst, timeout)``; a status on failure."""
@@ -265,9 +285,9 @@ class _Proxy:
 
     async def finish(self, status: _Status | None, trailers: Any) -> _Status | None:
         """Run the finalizer and put the final status and trailers on the context."""
-        final_error = await run_finalizer(self.params)
+        final_error = await run_finalizer(self.params, self.expose)
         if status is None and final_error is not None:
-            status = _Status.of(final_error)
+            status = _Status.of(final_error, self.expose)
         kept = forwardable(trailers) if trailers else ()
         if kept:
             self.context.set_trailing_metadata(kept)
@@ -286,17 +306,18 @@ class _Proxy:
         await asyncio.gather(*tasks, return_exceptions=True)
         if self.wait:
             await asyncio.gather(*(leg.wait() for leg in self.legs), return_exceptions=True)
-        await run_finalizer(self.params)
+        await run_finalizer(self.params, self.expose)
 
 
 async def handle_stream(context: Context, method: str, params: StreamParameters, *,
-                        peeker: Peeker | None = None,
-                        channels: ChannelPool | None = None) -> None:
+                        peeker: Peeker | None = None, channels: ChannelPool | None = None,
+                        expose_errors: bool = False) -> None:
     """Proxy the call on ``context`` (a stream-stream handler over raw bytes) as ``params`` say.
 
     Use it from your own handler to proxy after custom logic; pass the ``peeker`` the
     director used, so a frame it read is replayed. Status, headers and trailers are set on
-    ``context``; return right after.
+    ``context``; return right after. ``expose_errors`` puts addresses and exception text in
+    the proxy's own error statuses (they are logged either way).
 
     Example::
 
@@ -304,7 +325,7 @@ async def handle_stream(context: Context, method: str, params: StreamParameters,
             await handle_stream(context, "/pkg.Svc/Method",
                                 StreamParameters(Destination(channel)))
     """
-    proxy = _Proxy(context, method, params, channels)
+    proxy = _Proxy(context, method, params, channels, expose_errors)
     primary = params.primary
     status = await proxy.reach_every_leg()
     if status is not None:
@@ -348,13 +369,14 @@ async def handle_stream(context: Context, method: str, params: StreamParameters,
         if s2c_error is not None:
             outgoing.cancel()
             proxy.finish_primary(grpc.StatusCode.CANCELLED)
-            status = _Status(grpc.StatusCode.INTERNAL, f"failed proxying s2c: {s2c_error}")
+            status = _Status.own(grpc.StatusCode.INTERNAL, "failed proxying s2c",
+                                 f"failed proxying s2c: {s2c_error}", proxy.expose)
             proxy.abort_legs("primary failed", mirrors_too=False)
         elif primary_error is not None:
             proxy.finish_primary(error_code(primary_error))
             verdict = await call_err_handler(primary, primary_error)
             if isinstance(verdict, BaseException):
-                status = _Status.of(verdict)
+                status = _Status.of(verdict, proxy.expose)
             elif isinstance(verdict, bytes):
                 substitute = verdict
             proxy.abort_legs("primary failed", mirrors_too=False)
@@ -373,9 +395,10 @@ async def handle_stream(context: Context, method: str, params: StreamParameters,
         raise
 
     if pump.error is not None:
-        status = _Status(grpc.StatusCode.INTERNAL, f"failed proxying c2s: {pump.error}")
+        status = _Status.own(grpc.StatusCode.INTERNAL, "failed proxying c2s",
+                             f"failed proxying c2s: {pump.error}", proxy.expose)
     elif status is None and secondary_error is not None:
-        status = _Status.wrapped("failed proxying to secondary", secondary_error)
+        status = _Status.wrapped("failed proxying to secondary", secondary_error, proxy.expose)
     if substitute is not None and status is None:
         try:
             await context.write(substitute)
@@ -501,7 +524,8 @@ class _Pump:
 
 
 async def handle_unary(context: Context, method: str, request: bytes, params: StreamParameters,
-                       *, channels: ChannelPool | None = None) -> bytes | None:
+                       *, channels: ChannelPool | None = None,
+                       expose_errors: bool = False) -> bytes | None:
     """Proxy a call known to be unary (the fast path): one request, one response.
 
     Returns the response bytes for a unary-unary handler without serializers; on failure the
@@ -515,7 +539,7 @@ async def handle_unary(context: Context, method: str, request: bytes, params: St
             return await handle_unary(context, "/pkg.Svc/Get", request,
                                       StreamParameters(Destination(channel)))
     """
-    proxy = _Proxy(context, method, params, channels)
+    proxy = _Proxy(context, method, params, channels, expose_errors)
     primary = params.primary
     status = await proxy.reach_every_leg()
     if status is not None:
@@ -559,14 +583,14 @@ async def handle_unary(context: Context, method: str, request: bytes, params: St
             if isinstance(verdict, bytes):
                 response = verdict
             else:
-                status = _Status.of(exc if verdict is None else verdict)
+                status = _Status.of(exc if verdict is None else verdict, proxy.expose)
             proxy.abort_legs("primary failed", mirrors_too=False)
         secondary_error = await proxy.wait_legs()
     except asyncio.CancelledError:
         await proxy.cancelled(outgoing)
         raise
     if status is None and secondary_error is not None:
-        status = _Status.wrapped("failed proxying to secondary", secondary_error)
+        status = _Status.wrapped("failed proxying to secondary", secondary_error, proxy.expose)
     kept = forwardable(headers or ())
     if kept:
         try:

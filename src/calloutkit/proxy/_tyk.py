@@ -16,7 +16,7 @@ import json
 import logging
 from urllib.parse import urlsplit
 
-from ._wire import WireError, fields, string_map_entry
+from ._wire import fields, string_map_entry
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def object_view(frame: bytes) -> TykView:
                             url = text
                         else:
                             method = text
-    except WireError as exc:
+    except Exception as exc:  # any unreadable Object is "no match", never a failed call
         logger.debug("not a coprocess.Object (%s); routing on nothing", exc)
         return TykView()
     return TykView(api_id=spec.get("APIID", ""), org_id=spec.get("OrgID", ""),
@@ -108,8 +108,12 @@ def event_view(frame: bytes) -> TykView:
     try:
         payload = next((v for n, v in fields(frame, (1,)) if isinstance(v, bytes)), b"")
         data = json.loads(payload or b"{}")
-    except (WireError, ValueError) as exc:
-        logger.debug("not a coprocess.Event with a JSON payload (%s); routing on nothing", exc)
+    except Exception as exc:
+        # Any payload that does not decode matches no Tyk route, so the call takes the default
+        # route: also JSON nested too deep for the decoder (RecursionError), which the client
+        # controls.
+        logger.debug("not a coprocess.Event with a JSON payload (%s: %s); routing on nothing",
+                     type(exc).__name__, exc)
         return TykView(is_event=True)
     if not isinstance(data, dict):
         return TykView(is_event=True)

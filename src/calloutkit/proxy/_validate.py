@@ -24,10 +24,12 @@ from ._config import (
     HealthCheckConfig,
     MirroringConfig,
     RouteConfig,
+    SecurityConfig,
     TlsConfig,
     TykMatch,
 )
 from ._handler import WELL_KNOWN_UNARY
+from ._trust import UNIX, parse_networks
 from ._tyk import DISPATCH, DISPATCH_EVENT, HOOK_TYPES, hook_type
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*$")
@@ -95,7 +97,7 @@ _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _constr
 
 # -- validation -------------------------------------------------------------------------------
 
-_TOP = ("listeners", "unary_methods", "mirroring", "backends", "routes", "default")
+_TOP = ("listeners", "unary_methods", "mirroring", "security", "backends", "routes", "default")
 _BACKEND = ("targets", "balancing", "tls", "health_check", "eject_for")
 _TLS = ("ca", "cert", "key", "server_name")
 _HEALTH = ("interval", "timeout", "service", "unhealthy_threshold", "healthy_threshold")
@@ -104,6 +106,7 @@ _MATCH = ("method", "metadata", "tyk")
 _TYK = ("api_id", "org_id", "hook_name", "hook_type", "request_method", "path_prefix",
         "handler_name")
 _MIRRORING = ("timeout", "max_in_flight", "queue_size")
+_SECURITY = ("expose_errors", "forward_reflection", "trusted_metadata")
 _OPTION_KINDS = {name: kind for name, kind, _ in SERVER_OPTIONS}
 
 
@@ -209,12 +212,15 @@ class _Reader:
         mirroring = MirroringConfig()
         if "mirroring" in top:
             mirroring = self.mirroring(top["mirroring"], top.lines["mirroring"])
+        security = SecurityConfig()
+        if "security" in top:
+            security = self.security(top["security"], top.lines["security"])
         listeners = {}
         if "listeners" in top:
             listeners = self.listeners(top["listeners"], top.lines["listeners"])
         return {"path": self.path, "listeners": listeners, "backends": backends,
                 "routes": tuple(routes), "default": default, "unary_methods": unary,
-                "mirroring": mirroring}
+                "mirroring": mirroring, "security": security}
 
     def listeners(self, value: Any, line: int) -> dict[str, Any]:
         section = self.mapping(value, line, "listeners", tuple(_OPTION_KINDS))
@@ -251,6 +257,23 @@ class _Reader:
                 out = dataclasses.replace(out, **{key: self.integer(
                     section[key], section.lines[key], f"mirroring.{key}")})
         return out
+
+    def security(self, value: Any, line: int) -> SecurityConfig:
+        section = self.mapping(value, line, "security", _SECURITY)
+        out: dict[str, Any] = {}
+        for key in ("expose_errors", "forward_reflection"):
+            if key in section:
+                if not isinstance(section[key], bool):
+                    raise self.fail(section.lines[key], f"security.{key}",
+                                    f"expected true or false, got {_kind(section[key])}")
+                out[key] = section[key]
+        if "trusted_metadata" in section:
+            at = section.lines["trusted_metadata"]
+            try:
+                out["trusted_metadata"] = trusted_metadata(section["trusted_metadata"])
+            except ValueError as exc:
+                raise self.fail(at, "security.trusted_metadata", str(exc)) from None
+        return SecurityConfig(**out)
 
     def backends(self, value: Any, line: int) -> dict[str, BackendConfig]:
         if not isinstance(value, _Map) or not value:
@@ -451,3 +474,20 @@ def _kind(value: Any) -> str:
     if isinstance(value, _Seq):
         return "a list"
     return f"{type(value).__name__} {value!r}"
+
+
+def trusted_metadata(value: Any) -> tuple[str, ...] | None:
+    """``trusted_metadata`` as a file or flag gives it: ``any`` (None), ``none``/false (an
+    empty tuple), or networks (a list, or one string with commas). ValueError if bad."""
+    if value is False or (isinstance(value, str) and value.strip().lower() == "none"):
+        return ()
+    if isinstance(value, str) and value.strip().lower() == "any":
+        return None
+    if isinstance(value, str):
+        value = [v for v in value.split(",") if v.strip()]
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise ValueError("expected any, none, or a list of IP addresses or CIDRs "
+                         f"(or {UNIX!r})")
+    items = tuple(v.strip() for v in value)
+    parse_networks(v for v in items if v != UNIX)
+    return items
