@@ -39,6 +39,7 @@ from .network._server import NetworkCalloutServer, NetworkContext, ProcessingRes
 from .runtime._config import ServerConfig, parse_address
 from .runtime._errors import CalloutError, CalloutKitError, ConfigError, ErrorPolicy, TargetError
 from .runtime._invoke import nonblocking
+from .runtime._logging import logging_context
 from .runtime._server import BaseServer
 
 __version__ = "0.1.0"
@@ -73,6 +74,7 @@ __all__ = [
     "header_dict",
     "header_immediate_response",
     "headers_contain",
+    "logging_context",
     "nonblocking",
     "override_mode",
     "parse_address",

@@ -25,6 +25,7 @@ import grpc
 from envoy.service.network_ext_proc.v3 import network_external_processor_pb2 as npb
 from google.protobuf import json_format, struct_pb2
 
+from ..runtime import _logging
 from ..runtime._errors import CalloutError, ErrorPolicy, StreamAbort, parse_error_policy
 from ..runtime._server import BaseServer, Handlers
 
@@ -231,7 +232,14 @@ class NetworkCalloutServer(BaseServer):
     @functools.cached_property
     def _stream(self) -> Callable[[AsyncIterator[npb.ProcessingRequest], Any],
                                   AsyncIterator[bytes]]:
-        return self._stream_function(self._new_context, self._answer)
+        new_context = self._new_context
+        if _logging.enabled:  # log records name the connection's stream (runtime._logging)
+            new_context = self._new_logged_context
+        return self._stream_function(new_context, self._answer)
+
+    def _new_logged_context(self, grpc_context: Any) -> NetworkContext:
+        _logging.begin_stream(_logging.metadata_request_id(grpc_context))
+        return self._new_context(grpc_context)
 
     def _new_context(self, grpc_context: Any) -> NetworkContext:
         return NetworkContext(grpc_context, self.new_state())
