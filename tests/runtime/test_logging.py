@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 from conftest import REPO, run_cli, spawn, stop_process
 
-from calloutkit import AuthzServer, logging_context
+from calloutkit import AuthzServer, NetworkCalloutServer, logging_context
 from calloutkit.runtime import _logging
-from calloutkit.testing import AuthzClient
+from calloutkit.testing import AuthzClient, NetworkCalloutClient
 from calloutkit.tyk import Plugin, TykPluginServer
 from calloutkit.tyk.testing import Gateway, HttpRequest
 
@@ -186,3 +186,22 @@ def test_nothing_is_set_while_no_handler_asked(monkeypatch):
         return _logging.current.get()
 
     assert asyncio.run(check()) is None
+
+
+class Passthrough(NetworkCalloutServer):
+    def on_read_data(self, data, end_of_stream, context):
+        logging.getLogger("user.l4").info("read %d", len(data))
+
+
+async def test_an_l4_stream_carries_its_id_and_the_metadatas_request_id(json_handler):
+    client = NetworkCalloutClient(Passthrough(**LOOPBACK), [("x-request-id", "l4-1")])
+    async with client.stream() as connection:
+        await connection.read(b"abc")
+        await connection.read(b"de")
+    async with NetworkCalloutClient(Passthrough(**LOOPBACK)).stream() as connection:
+        await connection.read(b"f")
+    first, second, other = (r for r in map(json.loads, json_handler) if r["logger"] == "user.l4")
+    assert [r["message"] for r in (first, second, other)] == ["read 3", "read 2", "read 1"]
+    assert first["stream_id"] == second["stream_id"] != other["stream_id"]
+    assert first["request_id"] == second["request_id"] == "l4-1"
+    assert "request_id" not in other
