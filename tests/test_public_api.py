@@ -21,7 +21,7 @@ def test_all_is_sorted_and_complete():
         "add_command_line_args", "add_dynamic_metadata", "add_header_mutation",
         "add_trailer_mutation", "body_contains", "build_dynamic_forwarding_metadata",
         "deny_callout", "get_header", "header_dict", "header_immediate_response",
-        "headers_contain", "nonblocking", "override_mode", "parse_address"}
+        "headers_contain", "logging_context", "nonblocking", "override_mode", "parse_address"}
     for name in calloutkit.__all__:
         assert hasattr(calloutkit, name), name
 

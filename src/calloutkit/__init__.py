@@ -39,6 +39,7 @@ from .network._server import NetworkCalloutServer, NetworkContext, ProcessingRes
 from .runtime._config import ServerConfig, parse_address
 from .runtime._errors import CalloutError, CalloutKitError, ConfigError, ErrorPolicy, TargetError
 from .runtime._invoke import nonblocking
+from .runtime._logging import logging_context
 from .runtime._server import BaseServer
 from .runtime._tls import PeerIdentity
 
@@ -75,6 +76,7 @@ __all__ = [
     "header_dict",
     "header_immediate_response",
     "headers_contain",
+    "logging_context",
     "nonblocking",
     "override_mode",
     "parse_address",

@@ -17,6 +17,7 @@ import grpc
 from envoy.service.auth.v3 import external_auth_pb2 as apb
 from google.protobuf.message import DecodeError
 
+from ..runtime import _logging
 from ..runtime._errors import (
     CalloutError,
     ConfigError,
@@ -150,6 +151,9 @@ class AuthzServer(BaseServer):
         if self._on_check is None:
             return _ALLOW
         view = AuthzRequest(request)
+        if _logging.enabled:  # log records name the gateway's request (runtime._logging)
+            _logging.begin_stream(view.headers.get(_logging.REQUEST_ID_HEADER)
+                                  or _logging.metadata_request_id(grpc_context))
         try:
             result = await self._on_check(request if self.pass_raw_request else view,
                                           AuthzContext(grpc_context))

@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 
 from ..runtime._config import ENV_PREFIX, PATH_DEFAULTS, SERVER_OPTIONS, env_value, parse_address
 from ..runtime._errors import CalloutKitError, ConfigError, TargetError
+from ..runtime._logging import logging_context
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -135,43 +136,64 @@ _COMMANDS: tuple[str, ...] = (
 
 
 _LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
+_LOG_FORMATS = ["text", "json"]
+_TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-def _env_log_level() -> str:
+def _env_choice(name: str, default: str, choices: list[str]) -> str:
     # argparse checks choices only for values given on the command line, not for defaults.
-    raw = os.environ.get(ENV_PREFIX + "LOG_LEVEL", "INFO")
-    if raw.upper() not in _LOG_LEVELS:
-        raise ConfigError(f"{ENV_PREFIX}LOG_LEVEL={raw!r}: expected DEBUG, INFO, WARNING or ERROR")
-    return raw.upper()
+    raw = os.environ.get(ENV_PREFIX + name, default)
+    if raw.lower() not in (choice.lower() for choice in choices):
+        raise ConfigError(f"{ENV_PREFIX}{name}={raw!r}: expected "
+                          f"{', '.join(choices[:-1])} or {choices[-1]}")
+    return raw.upper() if default.isupper() else raw.lower()
 
 
-def _add_log_level(parser: argparse.ArgumentParser) -> None:
-    """Accept ``--log-level`` after every subcommand too, where people put options.
+def _add_log_options(parser: argparse.ArgumentParser) -> None:
+    """Accept ``--log-level`` and ``--log-format`` after every subcommand too, where people
+    put options.
 
     The subcommands' copies default to SUPPRESS, so only a flag that is given overrides the
-    value (or ``CALLOUTKIT_LOG_LEVEL``) set before the subcommand.
+    value (or ``CALLOUTKIT_LOG_LEVEL`` / ``CALLOUTKIT_LOG_FORMAT``) set before the subcommand.
     """
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for sub in action.choices.values():
                 sub.add_argument("--log-level", default=argparse.SUPPRESS, choices=_LOG_LEVELS,
                                  type=str.upper, help="logging threshold (default INFO)")
-                _add_log_level(sub)
+                sub.add_argument("--log-format", default=argparse.SUPPRESS,
+                                 choices=_LOG_FORMATS, type=str.lower,
+                                 help="text (default) or json: one JSON object per line")
+                _add_log_options(sub)
+
+
+def _configure_logging(level: str, log_format: str) -> None:
+    if log_format == "json":
+        # Every line a JSON object, with the ids of the stream it was logged in; warnings
+        # too, rather than as text on stderr.
+        logging.basicConfig(level=level, handlers=[logging_context(json=True)])
+        logging.captureWarnings(True)
+    else:
+        logging.basicConfig(level=level, format=_TEXT_FORMAT)
 
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="calloutkit", description="Build, test and run API-gateway "
                             "callout servers.")
-    parser.add_argument("--log-level", default=_env_log_level(), choices=_LOG_LEVELS,
-                        type=str.upper,
+    parser.add_argument("--log-level", default=_env_choice("LOG_LEVEL", "INFO", _LOG_LEVELS),
+                        choices=_LOG_LEVELS, type=str.upper,
                         help="logging threshold (default INFO); also after the subcommand")
+    parser.add_argument("--log-format", default=_env_choice("LOG_FORMAT", "text", _LOG_FORMATS),
+                        choices=_LOG_FORMATS, type=str.lower,
+                        help="text (default) or json: one JSON object per line, with the "
+                             "stream's ids; also after the subcommand")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
                                        parser_class=ArgumentParser)
     _add_serve(subparsers)
     for entry in _COMMANDS:
         module, _, func = entry.partition(":")
         getattr(importlib.import_module(module), func)(subparsers)
-    _add_log_level(parser)
+    _add_log_options(parser)
     return parser
 
 
@@ -183,13 +205,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:  # a bad CALLOUTKIT_* variable
         print(f"calloutkit: error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=args.log_level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _configure_logging(args.log_level, args.log_format)
     try:
         return int(args.func(args) or 0)
     except CalloutKitError as exc:
-        if isinstance(exc, TargetError) and exc.user_traceback:
-            print(exc.user_traceback, end="", file=sys.stderr)
+        traceback = exc.user_traceback if isinstance(exc, TargetError) else None
+        if args.log_format == "json":  # a log collector reads stderr: keep it one JSON a line
+            logging.getLogger("calloutkit.cli").error(
+                "calloutkit: error: %s%s", exc, f"\n{traceback}" if traceback else "")
+            return 2
+        if traceback:
+            print(traceback, end="", file=sys.stderr)
         print(f"calloutkit: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -23,6 +23,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
+from ..runtime import _logging
 from ..runtime._errors import CalloutError, ErrorPolicy, StreamAbort, parse_error_policy
 from ..runtime._invoke import Invoker
 from ..runtime._server import BaseServer, Handlers
@@ -226,8 +227,12 @@ class CalloutServer(BaseServer):
                                   AsyncIterator[bytes]]:
         # Left at its default, new_state is not called: the context makes the namespace.
         custom_state = type(self).new_state is not CalloutServer.new_state
-        return self._stream_function(self._new_context if custom_state else CalloutContext,
-                                     self._answer)
+        new_context: Callable[[Any], CalloutContext] = (
+            self._new_context if custom_state else CalloutContext)
+        answer: Callable[..., Any] = self._answer
+        if _logging.enabled:
+            new_context, answer = _with_stream_log(new_context, answer)
+        return self._stream_function(new_context, answer)
 
     def _new_context(self, grpc_context: Any) -> CalloutContext:
         return CalloutContext(grpc_context, self.new_state())
@@ -409,6 +414,30 @@ class CalloutServer(BaseServer):
                 and context.response_body_mode not in _STREAMING):
             context._strip_response_length = True
         context.response_body_mode = override.response_body_mode
+
+
+def _with_stream_log(new_context: Callable[[Any], CalloutContext], answer: Callable[..., Any],
+                     ) -> tuple[Callable[[Any], CalloutContext], Callable[..., Any]]:
+    """Wrap a stream's two steps so that its log records carry the stream's ids.
+
+    Only when a log handler asked for them (`runtime._logging`): otherwise the stream pays
+    nothing. The request id comes from the gRPC metadata at once, then from the request
+    headers' ``x-request-id`` (what Envoy sets) when they arrive, before their callback runs.
+    """
+    def logged_context(grpc_context: Any) -> CalloutContext:
+        _logging.begin_stream(_logging.metadata_request_id(grpc_context))
+        return new_context(grpc_context)
+
+    def logged_answer(request: pb.ProcessingRequest, context: CalloutContext) -> Any:
+        if request.WhichOneof("request") == "request_headers":
+            log = _logging.current.get()
+            for header in request.request_headers.headers.headers:
+                if header.key == _logging.REQUEST_ID_HEADER and log is not None:
+                    log.request_id = header.raw_value.decode("latin-1") or header.value
+                    break
+        return answer(request, context)
+
+    return logged_context, logged_answer
 
 
 def _as_message(reply: _Reply | None) -> pb.ProcessingResponse | None:

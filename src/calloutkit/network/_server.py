@@ -25,6 +25,7 @@ import grpc
 from envoy.service.network_ext_proc.v3 import network_external_processor_pb2 as npb
 from google.protobuf import json_format, struct_pb2
 
+from ..runtime import _logging
 from ..runtime._errors import CalloutError, ErrorPolicy, StreamAbort, parse_error_policy
 from ..runtime._server import BaseServer, Handlers
 from ..runtime._tls import PeerIdentity, peer_identity
@@ -237,8 +238,15 @@ class NetworkCalloutServer(BaseServer):
     @functools.cached_property
     def _stream(self) -> Callable[[AsyncIterator[npb.ProcessingRequest], Any],
                                   AsyncIterator[bytes]]:
+        new_context = self._new_context
+        if _logging.enabled:  # log records name the connection's stream (runtime._logging)
+            new_context = self._new_logged_context
         # A stream here is a whole TCP connection: a drain lets open connections go on.
-        return self._stream_function(self._new_context, self._answer, end_idle_on_drain=False)
+        return self._stream_function(new_context, self._answer, end_idle_on_drain=False)
+
+    def _new_logged_context(self, grpc_context: Any) -> NetworkContext:
+        _logging.begin_stream(_logging.metadata_request_id(grpc_context))
+        return self._new_context(grpc_context)
 
     def _new_context(self, grpc_context: Any) -> NetworkContext:
         return NetworkContext(grpc_context, self.new_state())

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import inspect
 import queue
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
+
+from . import _logging
 
 T = TypeVar("T")
 
@@ -70,6 +73,8 @@ class CallbackPool:
                                       daemon=True)
             self._threads.append(thread)
             thread.start()
+        if _logging.current.get() is not None:  # a stream's log ids follow it into the thread
+            func, args = contextvars.copy_context().run, (func, *args)
         self._jobs.put((loop, future, func, args))
         return future
 

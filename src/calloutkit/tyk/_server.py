@@ -24,6 +24,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
+from ..runtime import _logging
 from ..runtime._config import (
     DEFAULT_CERT_CHAIN_PATH,
     DEFAULT_PRIVATE_KEY_PATH,
@@ -41,6 +42,7 @@ from ..runtime._invoke import Invoker
 from ..runtime._server import BaseServer, Handlers
 from ._call import PluginCall, PluginResponse, check_request_uri, check_status
 from ._events import EventHandler, GatewayEvent
+from ._headers import named
 from ._proto import SERVICE_NAME, Event, EventReply, Hook, Object, without_text_bodies
 
 logger = logging.getLogger(__name__)
@@ -50,6 +52,7 @@ PluginFunc = Callable[[PluginCall], Any]
 _GENERIC_ERROR = '{"error": "internal error in plugin"}'
 _EMPTY_REPLY = bytes(EventReply().SerializeToString())
 _HOOK_VALUES = frozenset(hook.value for hook in Hook)
+_is_request_id = named(_logging.REQUEST_ID_HEADER)
 _WARN_LIMIT = 1000  # distinct unmatched hooks warned about; beyond that, debug only
 
 
@@ -220,6 +223,9 @@ class TykPluginServer(BaseServer):
             logger.error("Dispatch: the request is not a coprocess.Object (%s)", exc)
             raise StreamAbort(grpc.StatusCode.INVALID_ARGUMENT,
                               "plugin server: the request is not a coprocess.Object") from None
+        if _logging.enabled:  # log records name the gateway's request (runtime._logging)
+            _logging.begin_stream(next((value for name, value in obj.request.headers.items()
+                                        if _is_request_id(name)), None))
         label = _label(obj)
         key = (str(obj.hook_type), str(obj.hook_name))
         if obj.hook_type not in _HOOK_VALUES:
