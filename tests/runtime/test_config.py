@@ -7,7 +7,13 @@ import os
 
 import pytest
 
-from calloutkit import CalloutServer, ConfigError, ServerConfig, parse_address
+from calloutkit import (
+    CalloutServer,
+    ConfigError,
+    ServerConfig,
+    add_command_line_args,
+    parse_address,
+)
 
 
 def test_documented_default_ports(tmp_path, monkeypatch):
@@ -160,3 +166,24 @@ def test_event_loop_is_uvloop_when_installed_unless_asyncio_is_asked_for():
 def test_unknown_event_loop_is_a_one_line_error():
     with pytest.raises(ConfigError, match="event_loop must be one of auto, uvloop, asyncio"):
         CalloutServer(disable_tls=True, event_loop="trio")
+
+
+
+def test_callback_timeout_from_arguments_variables_and_flags():
+    assert CalloutServer(disable_tls=True).config.callback_timeout == 10.0
+    assert CalloutServer(disable_tls=True, callback_timeout=0.25).config.callback_timeout == 0.25
+    server = CalloutServer(disable_tls=True, environ={"CALLOUTKIT_CALLBACK_TIMEOUT": "2.5"})
+    assert server.config.callback_timeout == 2.5
+    assert server._pool._timeout == 2.5
+    # 0 turns the limit off; the argument wins over the variable.
+    server = CalloutServer(disable_tls=True, callback_timeout=0,
+                           environ={"CALLOUTKIT_CALLBACK_TIMEOUT": "2.5"})
+    assert server.config.callback_timeout is None and server._pool._timeout is None
+    args = add_command_line_args().parse_args(["--callback-timeout", "1.5"])
+    assert args.callback_timeout == 1.5
+
+
+@pytest.mark.parametrize("value", [-1, float("inf"), float("nan")])
+def test_bad_callback_timeout_is_a_one_line_error(value):
+    with pytest.raises(ConfigError, match=r"^callback_timeout must be >= 0 seconds"):
+        CalloutServer(disable_tls=True, callback_timeout=value)

@@ -12,6 +12,7 @@ import dataclasses
 import enum
 import importlib.util
 import logging
+import math
 import os
 from collections.abc import Mapping
 from typing import Any, Final
@@ -32,6 +33,11 @@ DEFAULT_PRIVATE_KEY_PATH = "./extproc/ssl_creds/privatekey.pem"
 # twice; 32 MiB leaves room for raised gateway limits without letting one message eat memory.
 DEFAULT_MAX_MESSAGE_SIZE = 32 * 1024 * 1024
 DEFAULT_GRACE_PERIOD = 30.0
+# Gateways give up on a callout long before this (Envoy's ext_proc message_timeout and
+# ext_authz timeout are 200 ms by default), so a def callback still running after 10 s helps
+# nobody and only holds a thread; it is far enough above any gateway timeout that a slow but
+# working callback is never cut short.
+DEFAULT_CALLBACK_TIMEOUT = 10.0
 
 
 ENV_PREFIX = "CALLOUTKIT_"
@@ -69,6 +75,8 @@ SERVER_OPTIONS: tuple[tuple[str, str, str], ...] = (
     ("private_key_path", "path", "PEM private key for TLS"),
     ("server_thread_count", "int", "threads that run synchronous callbacks"),
     ("grace_period", "float", "seconds streams in flight get to finish on shutdown"),
+    ("callback_timeout", "float", "seconds a def callback may run before its stream gets the "
+                                  "error policy's reply (default 10; 0: no limit)"),
     ("max_message_size", "int", "largest gRPC message accepted or sent, in bytes"),
     ("reflection", "bool", "serve gRPC reflection"),
     ("workers", "int", "worker processes sharing the ports (Linux; needs fixed ports)"),
@@ -202,6 +210,7 @@ class ServerConfig:
     reflection: bool
     workers: int = 1
     event_loop: str = "asyncio"  # resolved: "uvloop" or "asyncio"
+    callback_timeout: float | None = DEFAULT_CALLBACK_TIMEOUT  # None: no limit
 
     @classmethod
     def build(
@@ -229,6 +238,7 @@ class ServerConfig:
         reflection: bool | None = None,
         workers: int | None = None,
         event_loop: str | None = None,
+        callback_timeout: float | None = None,
     ) -> ServerConfig:
         """Resolve the documented constructor options into a validated config."""
         ip = default_ip or DEFAULT_IP
@@ -279,11 +289,17 @@ class ServerConfig:
             raise ConfigError(f"server_thread_count must be >= 1, got {server_thread_count}")
         if grace_period < 0:
             raise ConfigError(f"grace_period must be >= 0 seconds, got {grace_period}")
+        callback_timeout = (DEFAULT_CALLBACK_TIMEOUT if callback_timeout is None
+                            else callback_timeout)
+        if not 0 <= callback_timeout < math.inf:
+            raise ConfigError(f"callback_timeout must be >= 0 seconds (0: no limit), "
+                              f"got {callback_timeout}")
         if max_message_size < 1024:
             raise ConfigError(f"max_message_size must be >= 1024 bytes, got {max_message_size}")
         return cls(secure, plain, health, secure_health_check, chain, key, server_thread_count,
                    float(grace_period), int(max_message_size), bool(reflection), workers,
-                   _event_loop(event_loop))
+                   _event_loop(event_loop),
+                   float(callback_timeout) or None)
 
 
 def _event_loop(choice: str | None) -> str:

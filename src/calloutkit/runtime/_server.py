@@ -9,6 +9,9 @@ handlers through `_handlers()`.
 Draining, in order: health turns NOT_SERVING (gRPC) and 503 (HTTP); new streams are refused with
 UNAVAILABLE while health keeps answering; streams in flight get up to the grace period to end;
 then the gRPC server stops and cancels whatever is left.
+
+Health is NOT_SERVING also while every thread of the callback pool is stuck in a ``def``
+callback past ``callback_timeout`` (see `CallbackPool`), and SERVING again when one returns.
 """
 
 from __future__ import annotations
@@ -181,6 +184,7 @@ class BaseServer(abc.ABC):
         reflection: bool | Unset | None = UNSET,
         workers: int | Unset | None = UNSET,
         event_loop: str | Unset | None = UNSET,
+        callback_timeout: float | Unset | None = UNSET,
         environ: Mapping[str, str] | None = None,
     ) -> None:
         options = merge_environment(dict(
@@ -192,19 +196,23 @@ class BaseServer(abc.ABC):
             private_key_path=private_key_path, server_thread_count=server_thread_count,
             secure_address=secure_address, disable_tls=disable_tls, grace_period=grace_period,
             max_message_size=max_message_size, reflection=reflection, workers=workers,
-            event_loop=event_loop),
+            event_loop=event_loop, callback_timeout=callback_timeout),
             environ)
         if options.get("reflection") is None:
             options["reflection"] = self.default_reflection
         self.config = ServerConfig.build(cert_chain=cert_chain, private_key=private_key,
                                          **options)
-        self._pool = CallbackPool(self.config.thread_count)
+        self._pool = CallbackPool(self.config.thread_count,
+                                  timeout=self.config.callback_timeout,
+                                  on_exhausted=self._pool_exhausted)
         self._grpc: grpc.aio.Server | None = None
         self._health_servicer: health.aio.HealthServicer | None = None
         self._http_health: HttpHealthServer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._serving = False
         self._draining = False
+        self._health_names: list[str] = []
+        self._health_tasks: set[asyncio.Future[None]] = set()
         self._active_streams = 0
         self._idle: asyncio.Event | None = None
         self._stopped: asyncio.Event | None = None
@@ -298,6 +306,26 @@ class BaseServer(abc.ABC):
     def serving(self) -> bool:
         """True between a successful `start` and the beginning of `stop`."""
         return self._serving and not self._draining
+
+    def _healthy(self) -> bool:
+        """What health checks answer: serving, and able to run a ``def`` callback."""
+        return self._serving and not self._draining and not self._pool.exhausted
+
+    def _pool_exhausted(self, exhausted: bool) -> None:
+        # Called on the loop's thread. After a stop has begun the health servicer ignores
+        # this: it stays NOT_SERVING for good.
+        if self._health_servicer is None:
+            return
+        status = (health_pb2.HealthCheckResponse.NOT_SERVING if exhausted
+                  else health_pb2.HealthCheckResponse.SERVING)
+        task = asyncio.ensure_future(self._set_health(status))
+        self._health_tasks.add(task)  # a task nobody references may be collected mid-way
+        task.add_done_callback(self._health_tasks.discard)
+
+    async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
+        assert self._health_servicer is not None
+        for name in self._health_names:
+            await self._health_servicer.set(name, status)
 
     @property
     def active_streams(self) -> int:
@@ -397,7 +425,7 @@ class BaseServer(abc.ABC):
             await server.start()
             self._grpc = server
             if cfg.health_check_address is not None:
-                self._http_health = HttpHealthServer(lambda: self.serving,
+                self._http_health = HttpHealthServer(self._healthy,
                                                      reuse_port=cfg.workers > 1)
                 host, port = cfg.health_check_address
                 try:
@@ -411,8 +439,8 @@ class BaseServer(abc.ABC):
             await server.stop(0)
             self._grpc = None
             raise
-        for name in ["", *names]:
-            await self._health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._health_names = ["", *names]
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self._serving = True
         self._setup = True
         logger.info("%s serving: %s (%s loop)", type(self).__name__,
