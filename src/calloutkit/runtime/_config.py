@@ -75,6 +75,8 @@ SERVER_OPTIONS: tuple[tuple[str, str, str], ...] = (
     ("private_key_path", "path", "PEM private key for TLS"),
     ("server_thread_count", "int", "threads that run synchronous callbacks"),
     ("grace_period", "float", "seconds streams in flight get to finish on shutdown"),
+    ("drain_delay", "float", "seconds a stopping server still serves new streams after its "
+                             "health turns NOT_SERVING (default 0)"),
     ("callback_timeout", "float", "seconds a def callback may run before its stream gets the "
                                   "error policy's reply (default 10; 0: no limit)"),
     ("max_message_size", "int", "largest gRPC message accepted or sent, in bytes"),
@@ -210,6 +212,7 @@ class ServerConfig:
     reflection: bool
     workers: int = 1
     event_loop: str = "asyncio"  # resolved: "uvloop" or "asyncio"
+    drain_delay: float = 0.0
     callback_timeout: float | None = DEFAULT_CALLBACK_TIMEOUT  # None: no limit
 
     @classmethod
@@ -238,6 +241,7 @@ class ServerConfig:
         reflection: bool | None = None,
         workers: int | None = None,
         event_loop: str | None = None,
+        drain_delay: float | None = None,
         callback_timeout: float | None = None,
     ) -> ServerConfig:
         """Resolve the documented constructor options into a validated config."""
@@ -289,6 +293,9 @@ class ServerConfig:
             raise ConfigError(f"server_thread_count must be >= 1, got {server_thread_count}")
         if grace_period < 0:
             raise ConfigError(f"grace_period must be >= 0 seconds, got {grace_period}")
+        drain_delay = 0.0 if drain_delay is None else drain_delay
+        if not 0 <= drain_delay < math.inf:  # NaN too
+            raise ConfigError(f"drain_delay must be >= 0 seconds, got {drain_delay}")
         callback_timeout = (DEFAULT_CALLBACK_TIMEOUT if callback_timeout is None
                             else callback_timeout)
         if not 0 <= callback_timeout < math.inf:
@@ -298,7 +305,7 @@ class ServerConfig:
             raise ConfigError(f"max_message_size must be >= 1024 bytes, got {max_message_size}")
         return cls(secure, plain, health, secure_health_check, chain, key, server_thread_count,
                    float(grace_period), int(max_message_size), bool(reflection), workers,
-                   _event_loop(event_loop),
+                   _event_loop(event_loop), float(drain_delay),
                    float(callback_timeout) or None)
 
 

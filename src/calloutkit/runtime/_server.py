@@ -6,9 +6,11 @@ optional reflection service, the pool for synchronous callbacks, and the lifecyc
 A server kind (ext_proc, network ext_proc, Tyk, proxy) subclasses it and supplies its gRPC
 handlers through `_handlers()`.
 
-Draining, in order: health turns NOT_SERVING (gRPC) and 503 (HTTP); new streams are refused with
-UNAVAILABLE while health keeps answering; streams in flight get up to the grace period to end;
-then the gRPC server stops and cancels whatever is left.
+Draining, in order: health turns NOT_SERVING (gRPC) and 503 (HTTP); new streams are still served
+for ``drain_delay`` seconds, so that load balancers see the health change before anything is
+refused; then new streams are refused with UNAVAILABLE while health keeps answering; streams in
+flight get up to the grace period to end; then the gRPC server stops and cancels whatever is
+left.
 
 Health is NOT_SERVING also while every thread of the callback pool is stuck in a ``def``
 callback past ``callback_timeout`` (see `CallbackPool`), and SERVING again when one returns.
@@ -184,6 +186,7 @@ class BaseServer(abc.ABC):
         reflection: bool | Unset | None = UNSET,
         workers: int | Unset | None = UNSET,
         event_loop: str | Unset | None = UNSET,
+        drain_delay: float | Unset | None = UNSET,
         callback_timeout: float | Unset | None = UNSET,
         environ: Mapping[str, str] | None = None,
     ) -> None:
@@ -196,7 +199,7 @@ class BaseServer(abc.ABC):
             private_key_path=private_key_path, server_thread_count=server_thread_count,
             secure_address=secure_address, disable_tls=disable_tls, grace_period=grace_period,
             max_message_size=max_message_size, reflection=reflection, workers=workers,
-            event_loop=event_loop, callback_timeout=callback_timeout),
+            event_loop=event_loop, drain_delay=drain_delay, callback_timeout=callback_timeout),
             environ)
         if options.get("reflection") is None:
             options["reflection"] = self.default_reflection
@@ -210,7 +213,8 @@ class BaseServer(abc.ABC):
         self._http_health: HttpHealthServer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._serving = False
-        self._draining = False
+        self._stopping = False  # health says NOT_SERVING: drain_delay, then draining
+        self._draining = False  # new streams are refused
         self._health_names: list[str] = []
         self._health_tasks: set[asyncio.Future[None]] = set()
         self._active_streams = 0
@@ -305,11 +309,11 @@ class BaseServer(abc.ABC):
     @property
     def serving(self) -> bool:
         """True between a successful `start` and the beginning of `stop`."""
-        return self._serving and not self._draining
+        return self._serving and not self._stopping
 
     def _healthy(self) -> bool:
         """What health checks answer: serving, and able to run a ``def`` callback."""
-        return self._serving and not self._draining and not self._pool.exhausted
+        return self._serving and not self._stopping and not self._pool.exhausted
 
     def _pool_exhausted(self, exhausted: bool) -> None:
         # Called on the loop's thread. After a stop has begun the health servicer ignores
@@ -498,10 +502,18 @@ class BaseServer(abc.ABC):
 
     async def _drain(self, grace: float) -> None:
         assert self._grpc is not None and self._stopped is not None and self._idle is not None
-        self._draining = True
-        logger.info("draining: %d stream(s) in flight, grace %.1fs", self._active_streams, grace)
+        self._stopping = True
         if self._health_servicer is not None:
             await self._health_servicer.enter_graceful_shutdown()
+        delay = self.config.drain_delay
+        if delay > 0:
+            # A load balancer only learns of the stop from its next health check; until it
+            # has, it still sends streams here, and refusing them would fail requests.
+            logger.info("health is NOT_SERVING; new streams are still served for %gs "
+                        "(drain_delay)", delay)
+            await asyncio.sleep(delay)
+        self._draining = True
+        logger.info("draining: %d stream(s) in flight, grace %.1fs", self._active_streams, grace)
         if self._active_streams > 0:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), timeout=grace)
@@ -539,8 +551,9 @@ class BaseServer(abc.ABC):
     def run(self) -> None:
         """Serve until SIGTERM/SIGINT or `shutdown`; blocking.
 
-        The first signal drains (health goes NOT_SERVING, streams in flight finish within the
-        grace period) and `run` returns; a second signal exits the process at once. With
+        The first signal drains (health goes NOT_SERVING, new streams are still served for
+        ``drain_delay`` seconds, streams in flight finish within the grace period) and `run`
+        returns; a second signal exits the process at once. With
         ``workers > 1`` this process becomes a supervisor of that many forked workers. The
         loop is uvloop's when it is installed (``event_loop="auto"``, the default).
         """
