@@ -14,12 +14,20 @@ from typing import Any
 import grpc
 import pytest
 from conftest import LOOPBACK, running
+from envoy.service.network_ext_proc.v3 import network_external_processor_pb2 as npb
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from calloutkit import CalloutServer, add_header_mutation
-from calloutkit.testing import Envoy, HttpResponse, UpstreamServer, envoy_config, http_request
-
-pytestmark = pytest.mark.envoy
+from calloutkit import AuthzServer, CalloutServer, NetworkCalloutServer, add_header_mutation
+from calloutkit.testing import (
+    AuthzClient,
+    Envoy,
+    HttpResponse,
+    NetworkCalloutClient,
+    UpstreamServer,
+    envoy_config,
+    http_request,
+)
+from calloutkit.tyk import Hook, Object, Plugin, PluginCall, TykPluginServer
 
 THREADS = 4  # the pool; it replaces as many stuck threads, so 2 * THREADS can be stuck
 TIMEOUT = 0.5
@@ -95,6 +103,7 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+@pytest.mark.envoy
 async def test_callbacks_stuck_for_ever_do_not_take_the_replica_down(
         upstream: UpstreamServer, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="calloutkit")
@@ -155,3 +164,60 @@ async def test_callbacks_stuck_for_ever_do_not_take_the_replica_down(
                                                           at_least=20))
         finally:
             server.release.set()
+
+
+# -- every protocol: the policy's reply, through the same pool ----------------------------------
+
+class StuckAuthz(AuthzServer):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.release = threading.Event()
+
+    def on_check(self, request, context):
+        self.release.wait()
+
+
+class StuckNetwork(NetworkCalloutServer):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.release = threading.Event()
+
+    def on_read_data(self, data, end_of_stream, context):
+        self.release.wait()
+
+
+async def test_a_stuck_authz_check_is_denied_by_the_policy() -> None:
+    server = StuckAuthz(**LOOPBACK, callback_timeout=0.2)
+    try:
+        reply = await asyncio.wait_for(AuthzClient(server).check(), 5)
+        assert reply.denied_response.status.code == 403
+        assert server._pool.stuck == 1
+    finally:
+        server.release.set()
+
+
+async def test_a_stuck_l4_callback_closes_the_connection_by_the_policy() -> None:
+    server = StuckNetwork(**LOOPBACK, callback_timeout=0.2)
+    try:
+        async with NetworkCalloutClient(server).stream() as connection:
+            reply = await asyncio.wait_for(connection.read(b"hello"), 5)
+        assert reply.connection_status == npb.ProcessingResponse.CLOSE
+    finally:
+        server.release.set()
+
+
+async def test_a_stuck_tyk_plugin_is_answered_by_the_policy() -> None:
+    release = threading.Event()
+
+    def stuck(call: PluginCall) -> None:
+        release.wait()
+
+    server = TykPluginServer(plugins=[Plugin("stuck", stuck)], **LOOPBACK, callback_timeout=0.2)
+    try:
+        request = Object(hook_type=Hook.PRE, hook_name="stuck")
+        request.request.url = "/"
+        reply = Object.FromString(await asyncio.wait_for(
+            server.dispatch_bytes(request.SerializeToString()), 5))
+        assert reply.request.return_overrides.response_code == 500
+    finally:
+        release.set()
