@@ -7,7 +7,13 @@ import os
 
 import pytest
 
-from calloutkit import CalloutServer, ConfigError, ServerConfig, parse_address
+from calloutkit import (
+    CalloutServer,
+    ConfigError,
+    ServerConfig,
+    add_command_line_args,
+    parse_address,
+)
 
 
 def test_documented_default_ports(tmp_path, monkeypatch):
@@ -160,3 +166,34 @@ def test_event_loop_is_uvloop_when_installed_unless_asyncio_is_asked_for():
 def test_unknown_event_loop_is_a_one_line_error():
     with pytest.raises(ConfigError, match="event_loop must be one of auto, uvloop, asyncio"):
         CalloutServer(disable_tls=True, event_loop="trio")
+
+
+def test_callback_timeout_and_drain_delay_from_arguments_variables_and_flags():
+    default = CalloutServer(disable_tls=True).config
+    assert (default.callback_timeout, default.drain_delay) == (10.0, 0.0)
+    config = CalloutServer(disable_tls=True, callback_timeout=0.25, drain_delay=3).config
+    assert (config.callback_timeout, config.drain_delay) == (0.25, 3.0)
+    server = CalloutServer(disable_tls=True, environ={"CALLOUTKIT_CALLBACK_TIMEOUT": "2.5",
+                                                      "CALLOUTKIT_DRAIN_DELAY": "4"})
+    assert (server.config.callback_timeout, server.config.drain_delay) == (2.5, 4.0)
+    assert server._pool._timeout == 2.5
+    # 0 turns the limit off; the argument wins over the variable.
+    server = CalloutServer(disable_tls=True, callback_timeout=0,
+                           environ={"CALLOUTKIT_CALLBACK_TIMEOUT": "2.5"})
+    assert server.config.callback_timeout is None and server._pool._timeout is None
+    args = add_command_line_args().parse_args(["--callback_timeout", "1.5",
+                                               "--drain-delay", "6"])
+    assert (args.callback_timeout, args.drain_delay) == (1.5, 6.0)
+
+
+@pytest.mark.parametrize(("option", "value"), [
+    ("callback_timeout", -1), ("callback_timeout", float("inf")), ("drain_delay", -0.5),
+    ("drain_delay", float("nan"))])
+def test_bad_callback_timeout_or_drain_delay_is_a_one_line_error(option, value):
+    with pytest.raises(ConfigError, match=rf"^{option} must be >= 0 seconds"):
+        CalloutServer(disable_tls=True, **{option: value})
+
+
+def test_bad_drain_delay_variable_names_it():
+    with pytest.raises(ConfigError, match="CALLOUTKIT_DRAIN_DELAY='soon'"):
+        CalloutServer(disable_tls=True, environ={"CALLOUTKIT_DRAIN_DELAY": "soon"})

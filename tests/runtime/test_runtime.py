@@ -287,3 +287,45 @@ def test_a_taken_port_is_a_clear_error_not_a_shared_port():
                                combined_health_check=True)
         with pytest.raises(ConfigError, match="cannot bind plaintext listener"):
             asyncio.run(server.start())
+
+
+def test_drain_delay_reports_not_serving_but_still_serves_then_refuses():
+    process = spawn([sys.executable, "-m", "calloutkit", "serve", "tests/servers/pid_server.py",
+                     "--plaintext_address", "127.0.0.1:0", "--health_check_address",
+                     "127.0.0.1:0", "--disable_tls", "--drain_delay", "1.5"])
+    try:
+        line = read_until(process, "serving:")
+        port = int(line.split("grpc 127.0.0.1:")[1].split(",")[0])
+        health_port = int(line.split("health http://127.0.0.1:")[1].split()[0])
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.stream_stream(
+                METHOD, request_serializer=pb.ProcessingRequest.SerializeToString,
+                response_deserializer=pb.ProcessingResponse.FromString)
+            check = health_pb2_grpc.HealthStub(channel).Check
+            gate = threading.Event()
+
+            def held_open():
+                yield headers_request()
+                gate.wait(10)
+
+            held = call(held_open(), timeout=10)  # keeps the server in its grace period
+            next(held)
+            os.kill(process.pid, signal.SIGTERM)
+            read_until(process, "still served for 1.5s (drain_delay)")
+            signalled = time.monotonic()
+            assert check(health_pb2.HealthCheckRequest(), timeout=5).status == (
+                health_pb2.HealthCheckResponse.NOT_SERVING)
+            assert http_status(f"http://127.0.0.1:{health_port}/") == 503
+            # A load balancer that has not checked health yet still gets answers.
+            assert len(list(call(iter([headers_request()]), timeout=5))) == 1
+            assert time.monotonic() - signalled < 1.5
+            read_until(process, "draining:")
+            assert time.monotonic() - signalled >= 1.0
+            with pytest.raises(grpc.RpcError) as refused:
+                list(call(iter([headers_request()]), timeout=5))
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            gate.set()
+            assert list(held) == []
+        assert process.wait(10) == 0
+    finally:
+        stop_process(process)

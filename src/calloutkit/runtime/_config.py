@@ -12,6 +12,7 @@ import dataclasses
 import enum
 import importlib.util
 import logging
+import math
 import os
 from collections.abc import Mapping
 from typing import Any, Final
@@ -32,6 +33,11 @@ DEFAULT_PRIVATE_KEY_PATH = "./extproc/ssl_creds/privatekey.pem"
 # twice; 32 MiB leaves room for raised gateway limits without letting one message eat memory.
 DEFAULT_MAX_MESSAGE_SIZE = 32 * 1024 * 1024
 DEFAULT_GRACE_PERIOD = 30.0
+# Gateways give up on a callout long before this (Envoy's ext_proc message_timeout and
+# ext_authz timeout are 200 ms by default), so a def callback still running after 10 s helps
+# nobody and only holds a thread; it is far enough above any gateway timeout that a slow but
+# working callback is never cut short.
+DEFAULT_CALLBACK_TIMEOUT = 10.0
 
 
 ENV_PREFIX = "CALLOUTKIT_"
@@ -75,6 +81,10 @@ SERVER_OPTIONS: tuple[tuple[str, str, str], ...] = (
     ("grace_period", "float", "seconds streams in flight get to finish on shutdown"),
     ("stream_idle_timeout", "float",
      "end a stream that gets no message for this many seconds (default: never)"),
+    ("drain_delay", "float", "seconds a stopping server still serves new streams after its "
+                             "health turns NOT_SERVING (default 0)"),
+    ("callback_timeout", "float", "seconds a def callback may run before its stream gets the "
+                                  "error policy's reply (default 10; 0: no limit)"),
     ("max_message_size", "int", "largest gRPC message accepted or sent, in bytes"),
     ("reflection", "bool", "serve gRPC reflection"),
     ("workers", "int", "worker processes sharing the ports (Linux; needs fixed ports)"),
@@ -245,6 +255,8 @@ class ServerConfig:
     cert_chain_path: str | None = None
     private_key_path: str | None = None
     client_ca_path: str | None = None
+    drain_delay: float = 0.0
+    callback_timeout: float | None = DEFAULT_CALLBACK_TIMEOUT  # None: no limit
 
     @classmethod
     def build(
@@ -276,6 +288,8 @@ class ServerConfig:
         client_ca: bytes | None = None,
         client_ca_path: str | None = None,
         require_client_auth: bool | None = None,
+        drain_delay: float | None = None,
+        callback_timeout: float | None = None,
     ) -> ServerConfig:
         """Resolve the documented constructor options into a validated config."""
         ip = default_ip or DEFAULT_IP
@@ -351,6 +365,14 @@ class ServerConfig:
         if stream_idle_timeout is not None and stream_idle_timeout < 0:
             raise ConfigError(f"stream_idle_timeout must be >= 0 seconds (0: never), got "
                               f"{stream_idle_timeout}")
+        drain_delay = 0.0 if drain_delay is None else drain_delay
+        if not 0 <= drain_delay < math.inf:  # NaN too
+            raise ConfigError(f"drain_delay must be >= 0 seconds, got {drain_delay}")
+        callback_timeout = (DEFAULT_CALLBACK_TIMEOUT if callback_timeout is None
+                            else callback_timeout)
+        if not 0 <= callback_timeout < math.inf:
+            raise ConfigError(f"callback_timeout must be >= 0 seconds (0: no limit), "
+                              f"got {callback_timeout}")
         if max_message_size < 1024:
             raise ConfigError(f"max_message_size must be >= 1024 bytes, got {max_message_size}")
         return cls(secure, plain, health, secure_health_check, chain, key, server_thread_count,
@@ -360,7 +382,7 @@ class ServerConfig:
                    client_ca, bool(require_client_auth),
                    cert_chain_path if chain is not None and cert_chain is None else None,
                    private_key_path if key is not None and private_key is None else None,
-                   client_ca_path)
+                   client_ca_path, float(drain_delay), float(callback_timeout) or None)
 
 
 def _event_loop(choice: str | None) -> str:

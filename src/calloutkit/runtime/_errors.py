@@ -6,6 +6,7 @@ The whole tree::
     ├── ConfigError            bad options: a missing port, an unreadable certificate, no listener
     ├── TargetError            `calloutkit serve TARGET` could not find a server in TARGET
     └── CalloutError           a callback broke the protocol (returned the wrong type, ...)
+        └── CallbackTimeout    a ``def`` callback ran past ``callback_timeout``
 
 Two more types say how a stream ends, for every protocol: `StreamAbort` (raised by a context's
 ``abort``: end the stream with this gRPC status) and `ErrorPolicy` (what a server answers when a
@@ -50,6 +51,14 @@ class TargetError(CalloutKitError):
 
 class CalloutError(CalloutKitError):
     """A callback returned something the protocol cannot carry."""
+
+
+class CallbackTimeout(CalloutError, TimeoutError):
+    """A ``def`` callback still ran when its ``callback_timeout`` was over.
+
+    The stream gets the error policy's reply, as for a raising callback; the thread that runs
+    the callback is left to finish on its own, and the pool starts another in its place.
+    """
 
 
 class StreamAbort(Exception):

@@ -4,7 +4,8 @@
 `CallbackPool` is the thread pool for plain ``def`` callbacks. It does what
 ``loop.run_in_executor`` does for this one case at about half the CPU per call (measured in
 ``bench/``): one queue hand-off into the pool, and one loop wake-up for a whole batch of
-results coming back instead of one per result.
+results coming back instead of one per result. With ``callback_timeout`` it also keeps a
+callback that never returns from taking a thread for good (see `CallbackPool`).
 """
 
 from __future__ import annotations
@@ -13,12 +14,17 @@ import asyncio
 import collections
 import contextvars
 import inspect
+import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from . import _logging
+from ._errors import CallbackTimeout
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -42,24 +48,76 @@ def nonblocking(func: Callable[..., T]) -> Callable[..., T]:
     return func
 
 
+class _Thread:
+    """One pool thread, as the watchdog sees it: the call it runs and since when."""
+
+    __slots__ = ("call", "started", "stuck")
+
+    def __init__(self) -> None:
+        self.call: tuple[Any, ...] | None = None
+        self.started = 0.0
+        self.stuck = False  # set (under the pool's lock) once its call ran past the deadline
+
+
+def _callback_name(func: Callable[..., Any]) -> str:
+    owner = getattr(func, "__self__", None)
+    name = getattr(func, "__name__", None) or repr(func)
+    if owner is not None and not isinstance(owner, type):
+        return f"{type(owner).__name__}.{name}"
+    return str(getattr(func, "__qualname__", name))
+
+
 class CallbackPool:
     """Threads that run blocking callbacks for one event loop.
 
     Threads start on demand up to ``size`` and are daemons, so a callback stuck past the grace
     period cannot keep the process from exiting.
+
+    With a ``timeout``, a call still running when it is over is answered with `CallbackTimeout`
+    (the caller's error policy takes it from there) and its thread stops counting: another
+    starts in its place, so a callback that blocks for ever costs one thread, not the pool.
+    At most ``size`` stuck threads are replaced (``2 * size`` threads in all). While every one
+    of them is stuck, calls fail at once rather than wait for a thread that may never come,
+    and ``on_exhausted(True)`` has been called; ``on_exhausted(False)`` follows once one of
+    them returns. A stuck thread that returns ends: its place was taken.
+
+    A watchdog on the loop checks the running calls a few times a second, and only while
+    there are calls in flight, so a call costs no timer of its own.
     """
 
-    def __init__(self, size: int, name: str = "calloutkit-callback") -> None:
+    def __init__(self, size: int, name: str = "calloutkit-callback", *,
+                 timeout: float | None = None,
+                 on_exhausted: Callable[[bool], None] | None = None) -> None:
         self._size = size
+        self._limit = 2 * size  # threads alive at once, stuck ones included
         self._name = name
+        self._timeout = timeout or None
+        self._tick = min(0.25, self._timeout / 5) if self._timeout else 0.0
+        self._on_exhausted = on_exhausted
         self._jobs: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
-        self._threads: list[threading.Thread] = []
-        self._in_flight = 0  # touched on the loop's thread only
+        # Touched on the loop's thread only: calls not yet answered, the threads serving the
+        # queue, how many threads are stuck, the watchdog's next run.
+        self._in_flight = 0
+        self._threads: list[_Thread] = []
+        self._stuck = 0
+        self._started = 0
+        self._exhausted = False
+        self._watchdog: asyncio.TimerHandle | None = None
         self._lock = threading.Lock()
-        self._done: collections.deque[tuple[asyncio.Future[Any], bool, Any]] = (
+        self._done: collections.deque[tuple[asyncio.Future[Any], bool, Any, _Thread]] = (
             collections.deque())
         self._wake_pending = False
         self._closed = False
+
+    @property
+    def stuck(self) -> int:
+        """Threads running a call past its deadline right now."""
+        return self._stuck
+
+    @property
+    def exhausted(self) -> bool:
+        """True while every thread the pool may start is stuck: no callback can run."""
+        return self._exhausted
 
     def submit(self, loop: asyncio.AbstractEventLoop, func: Callable[..., Any],
                *args: Any) -> asyncio.Future[Any]:
@@ -67,49 +125,150 @@ class CallbackPool:
         if self._closed:
             raise RuntimeError("callback pool is shut down")
         future = loop.create_future()
+        if self._exhausted:
+            future.set_exception(self._no_thread(func))
+            return future
         self._in_flight += 1
-        if self._in_flight > len(self._threads) and len(self._threads) < self._size:
-            thread = threading.Thread(target=self._work, name=f"{self._name}-{len(self._threads)}",
-                                      daemon=True)
-            self._threads.append(thread)
-            thread.start()
-        if _logging.current.get() is not None:  # a stream's log ids follow it into the thread
-            func, args = contextvars.copy_context().run, (func, *args)
-        self._jobs.put((loop, future, func, args))
+        if self._in_flight > len(self._threads):
+            self._grow()
+        if self._watchdog is None and self._timeout is not None:
+            self._watchdog = loop.call_later(self._tick, self._watch, loop)
+        # A stream's log ids follow its callback into the thread (runtime._logging).
+        context = contextvars.copy_context() if _logging.current.get() is not None else None
+        self._jobs.put((loop, future, func, args, context))
         return future
 
-    def _work(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            loop, future, func, args = job
+    def _grow(self) -> None:
+        """Start a thread when there is room for one."""
+        live = len(self._threads)
+        if self._closed or live >= self._size or live + self._stuck >= self._limit:
+            return
+        self._started += 1
+        me = _Thread()
+        self._threads.append(me)
+        threading.Thread(target=self._work, args=(me,), name=f"{self._name}-{self._started}",
+                         daemon=True).start()
+
+    def _work(self, me: _Thread) -> None:
+        lock = self._lock
+        while (call := self._jobs.get()) is not None:
+            loop, future, func, args, context = call
+            # No lock: ``started`` is written first, so whoever sees this call sees its start.
+            me.started = time.monotonic()
+            me.call = call
             try:
-                result, ok = func(*args), True
+                result = func(*args) if context is None else context.run(func, *args)
+                ok = True
             except BaseException as exc:  # handed to the awaiting coroutine
                 result, ok = exc, False
-            with self._lock:
-                self._done.append((future, ok, result))
+            with lock:
+                me.call = None
+                self._done.append((future, ok, result, me))
                 wake, self._wake_pending = not self._wake_pending, True
             if wake:
                 try:
                     loop.call_soon_threadsafe(self._deliver)
                 except RuntimeError:  # the loop is closed: nobody is waiting any more
                     return
+            if me.stuck:
+                return  # another thread took this one's place when it got stuck
 
     def _deliver(self) -> None:
         with self._lock:
             done, self._done = self._done, collections.deque()
             self._wake_pending = False
-        self._in_flight -= len(done)
-        for future, ok, result in done:
+        recovered = 0
+        for future, ok, result, thread in done:
+            if thread.stuck:  # answered at its deadline already
+                recovered += 1
+                continue
+            self._in_flight -= 1
             if future.done():  # the awaiting stream was cancelled
                 continue
             if ok:
                 future.set_result(result)
             else:
                 future.set_exception(result)
+        if recovered:
+            self._stuck -= recovered
+            logger.info("%d stuck callback(s) returned after their deadline; results dropped",
+                        recovered)
+            self._grow_to_demand()
+            self._check_exhausted()
+
+    def _grow_to_demand(self) -> None:
+        while self._in_flight > len(self._threads):
+            before = len(self._threads)
+            self._grow()
+            if len(self._threads) == before:
+                return
+
+    def _watch(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Answer the calls running past the deadline and replace their threads."""
+        self._watchdog = None
+        assert self._timeout is not None
+        now = time.monotonic()
+        for me in list(self._threads):
+            call = me.call
+            if call is None or now - me.started < self._timeout:
+                continue
+            with self._lock:
+                if me.call is not call:  # it returned meanwhile
+                    continue
+                me.stuck = True
+            self._threads.remove(me)
+            self._stuck += 1
+            self._in_flight -= 1
+            _, future, func, _, _ = call
+            name = _callback_name(func)
+            if not future.done():
+                future.set_exception(CallbackTimeout(
+                    f"callback {name} ran past callback_timeout ({self._timeout:g}s)"))
+            logger.warning("callback %s still running after callback_timeout (%gs): its "
+                           "stream gets the error policy's reply and another thread takes "
+                           "its place (%d stuck, at most %d threads in all)", name,
+                           self._timeout, self._stuck, self._limit)
+        self._grow_to_demand()
+        self._check_exhausted()
+        if self._in_flight > 0 and not self._closed:
+            self._watchdog = loop.call_later(self._tick, self._watch, loop)
+
+    def _no_thread(self, func: Callable[..., Any]) -> CallbackTimeout:
+        return CallbackTimeout(f"no thread can run callback {_callback_name(func)}: all "
+                               f"{self._limit} are stuck past callback_timeout")
+
+    def _check_exhausted(self) -> None:
+        exhausted = self._stuck >= self._limit
+        if exhausted == self._exhausted:
+            return
+        self._exhausted = exhausted
+        if exhausted:
+            logger.error("all %d callback threads are stuck past callback_timeout: def "
+                         "callbacks fail at once until one of them returns", self._limit)
+            # No thread is left to take what waits in the queue: answer it now.
+            while True:
+                try:
+                    call = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if call is None:
+                    continue
+                self._in_flight -= 1
+                _, future, func, _, _ = call
+                if not future.done():
+                    future.set_exception(self._no_thread(func))
+        else:
+            logger.warning("a stuck callback returned: def callbacks run again (%d still "
+                           "stuck)", self._stuck)
+        if self._on_exhausted is not None:
+            self._on_exhausted(exhausted)
 
     def shutdown(self) -> None:
         """Stop the threads once they finish what they are running; do not wait for them."""
         self._closed = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         for _ in self._threads:
             self._jobs.put(None)
 

@@ -6,9 +6,14 @@ optional reflection service, the pool for synchronous callbacks, and the lifecyc
 A server kind (ext_proc, network ext_proc, Tyk, proxy) subclasses it and supplies its gRPC
 handlers through `_handlers()`.
 
-Draining, in order: health turns NOT_SERVING (gRPC) and 503 (HTTP); new streams are refused with
-UNAVAILABLE while health keeps answering; streams in flight get up to the grace period to end;
-then the gRPC server stops and cancels whatever is left.
+Draining, in order: health turns NOT_SERVING (gRPC) and 503 (HTTP); new streams are still served
+for ``drain_delay`` seconds, so that load balancers see the health change before anything is
+refused; then new streams are refused with UNAVAILABLE while health keeps answering; streams in
+flight get up to the grace period to end; then the gRPC server stops and cancels whatever is
+left.
+
+Health is NOT_SERVING also while every thread of the callback pool is stuck in a ``def``
+callback past ``callback_timeout`` (see `CallbackPool`), and SERVING again when one returns.
 """
 
 from __future__ import annotations
@@ -210,6 +215,8 @@ class BaseServer(abc.ABC):
         client_ca: bytes | None = None,
         client_ca_path: str | Unset | None = UNSET,
         require_client_auth: bool | Unset | None = UNSET,
+        drain_delay: float | Unset | None = UNSET,
+        callback_timeout: float | Unset | None = UNSET,
         environ: Mapping[str, str] | None = None,
     ) -> None:
         options = merge_environment(dict(
@@ -222,20 +229,26 @@ class BaseServer(abc.ABC):
             secure_address=secure_address, disable_tls=disable_tls, grace_period=grace_period,
             max_message_size=max_message_size, reflection=reflection, workers=workers,
             event_loop=event_loop, stream_idle_timeout=stream_idle_timeout,
-            client_ca_path=client_ca_path, require_client_auth=require_client_auth),
+            client_ca_path=client_ca_path, require_client_auth=require_client_auth,
+            drain_delay=drain_delay, callback_timeout=callback_timeout),
             environ)
         if options.get("reflection") is None:
             options["reflection"] = self.default_reflection
         self.config = ServerConfig.build(cert_chain=cert_chain, private_key=private_key,
                                          client_ca=client_ca, **options)
         self._tls = ServerTls(self.config) if self.config.cert_chain is not None else None
-        self._pool = CallbackPool(self.config.thread_count)
+        self._pool = CallbackPool(self.config.thread_count,
+                                  timeout=self.config.callback_timeout,
+                                  on_exhausted=self._pool_exhausted)
         self._grpc: grpc.aio.Server | None = None
         self._health_servicer: health.aio.HealthServicer | None = None
         self._http_health: HttpHealthServer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._serving = False
-        self._draining = False
+        self._stopping = False  # health says NOT_SERVING: drain_delay, then draining
+        self._draining = False  # new streams are refused
+        self._health_names: list[str] = []
+        self._health_tasks: set[asyncio.Future[None]] = set()
         self._active_streams = 0
         self._watches: set[StreamWatch] = set()
         self._idle: asyncio.Event | None = None
@@ -329,7 +342,27 @@ class BaseServer(abc.ABC):
     @property
     def serving(self) -> bool:
         """True between a successful `start` and the beginning of `stop`."""
-        return self._serving and not self._draining
+        return self._serving and not self._stopping
+
+    def _healthy(self) -> bool:
+        """What health checks answer: serving, and able to run a ``def`` callback."""
+        return self._serving and not self._stopping and not self._pool.exhausted
+
+    def _pool_exhausted(self, exhausted: bool) -> None:
+        # Called on the loop's thread. After a stop has begun the health servicer ignores
+        # this: it stays NOT_SERVING for good.
+        if self._health_servicer is None:
+            return
+        status = (health_pb2.HealthCheckResponse.NOT_SERVING if exhausted
+                  else health_pb2.HealthCheckResponse.SERVING)
+        task = asyncio.ensure_future(self._set_health(status))
+        self._health_tasks.add(task)  # a task nobody references may be collected mid-way
+        task.add_done_callback(self._health_tasks.discard)
+
+    async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
+        assert self._health_servicer is not None
+        for name in self._health_names:
+            await self._health_servicer.set(name, status)
 
     @property
     def active_streams(self) -> int:
@@ -458,7 +491,7 @@ class BaseServer(abc.ABC):
             await server.start()
             self._grpc = server
             if cfg.health_check_address is not None:
-                self._http_health = HttpHealthServer(lambda: self.serving,
+                self._http_health = HttpHealthServer(self._healthy,
                                                      reuse_port=cfg.workers > 1)
                 host, port = cfg.health_check_address
                 try:
@@ -472,8 +505,8 @@ class BaseServer(abc.ABC):
             await server.stop(0)
             self._grpc = None
             raise
-        for name in ["", *names]:
-            await self._health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._health_names = ["", *names]
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self._serving = True
         self._setup = True
         logger.info("%s serving: %s (%s loop)", type(self).__name__,
@@ -531,10 +564,18 @@ class BaseServer(abc.ABC):
 
     async def _drain(self, grace: float) -> None:
         assert self._grpc is not None and self._stopped is not None and self._idle is not None
-        self._draining = True
-        logger.info("draining: %d stream(s) in flight, grace %.1fs", self._active_streams, grace)
+        self._stopping = True
         if self._health_servicer is not None:
             await self._health_servicer.enter_graceful_shutdown()
+        delay = self.config.drain_delay
+        if delay > 0:
+            # A load balancer only learns of the stop from its next health check; until it
+            # has, it still sends streams here, and refusing them would fail requests.
+            logger.info("health is NOT_SERVING; new streams are still served for %gs "
+                        "(drain_delay)", delay)
+            await asyncio.sleep(delay)
+        self._draining = True
+        logger.info("draining: %d stream(s) in flight, grace %.1fs", self._active_streams, grace)
         # A stream waiting for its next message (Envoy waits on the upstream meanwhile) could
         # hold the drain for the whole grace period; only streams mid-callback get the grace.
         for watch in list(self._watches):
@@ -576,8 +617,9 @@ class BaseServer(abc.ABC):
     def run(self) -> None:
         """Serve until SIGTERM/SIGINT or `shutdown`; blocking.
 
-        The first signal drains (health goes NOT_SERVING, streams in flight finish within the
-        grace period) and `run` returns; a second signal exits the process at once. With
+        The first signal drains (health goes NOT_SERVING, new streams are still served for
+        ``drain_delay`` seconds, streams in flight finish within the grace period) and `run`
+        returns; a second signal exits the process at once. With
         ``workers > 1`` this process becomes a supervisor of that many forked workers. The
         loop is uvloop's when it is installed (``event_loop="auto"``, the default).
         """
