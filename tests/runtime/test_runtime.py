@@ -308,7 +308,7 @@ def test_drain_delay_reports_not_serving_but_still_serves_then_refuses():
                 yield headers_request()
                 gate.wait(10)
 
-            held = call(held_open(), timeout=10)  # keeps the server in its grace period
+            held = call(held_open(), timeout=10)  # open through the delay, idle at the drain
             next(held)
             os.kill(process.pid, signal.SIGTERM)
             read_until(process, "still served for 1.5s (drain_delay)")
@@ -325,7 +325,11 @@ def test_drain_delay_reports_not_serving_but_still_serves_then_refuses():
                 list(call(iter([headers_request()]), timeout=5))
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
             gate.set()
-            assert list(held) == []
+            # Waiting for Envoy's next message when the drain began: ended at once.
+            with pytest.raises(grpc.RpcError) as ended:
+                list(held)
+            assert (ended.value.code(), ended.value.details()) == (
+                grpc.StatusCode.UNAVAILABLE, "server is draining")
         assert process.wait(10) == 0
     finally:
         stop_process(process)
