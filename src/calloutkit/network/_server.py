@@ -26,6 +26,7 @@ from envoy.service.network_ext_proc.v3 import network_external_processor_pb2 as 
 from google.protobuf import json_format, struct_pb2
 
 from ..runtime._errors import CalloutError, ErrorPolicy, StreamAbort, parse_error_policy
+from ..runtime._malformed import RateLimitedLog
 from ..runtime._server import BaseServer, Handlers
 from ..runtime._tls import PeerIdentity, peer_identity
 
@@ -193,6 +194,7 @@ class NetworkCalloutServer(BaseServer):
                  **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.error_policy = parse_error_policy(error_policy)
+        self._no_direction = RateLimitedLog(logger, logging.WARNING)
         base = NetworkCalloutServer
         self._custom_process = self._overridden("process", base)
         self._callbacks = {"read_data": self._overridden("on_read_data", base),
@@ -232,13 +234,13 @@ class NetworkCalloutServer(BaseServer):
     # -- the stream ---------------------------------------------------------------------------
 
     def _handlers(self) -> Handlers:
-        return [self._bidi_handler(SERVICE_NAME, npb.ProcessingRequest, self._stream)]
+        return [self._bidi_handler(SERVICE_NAME, self._stream)]
 
     @functools.cached_property
-    def _stream(self) -> Callable[[AsyncIterator[npb.ProcessingRequest], Any],
-                                  AsyncIterator[bytes]]:
+    def _stream(self) -> Callable[[AsyncIterator[bytes], Any], AsyncIterator[bytes]]:
         # A stream here is a whole TCP connection: a drain lets open connections go on.
-        return self._stream_function(self._new_context, self._answer, end_idle_on_drain=False)
+        return self._stream_function(self._new_context, self._answer, npb.ProcessingRequest,
+                                     end_idle_on_drain=False)
 
     def _new_context(self, grpc_context: Any) -> NetworkContext:
         return NetworkContext(grpc_context, self.new_state())
@@ -285,8 +287,8 @@ class NetworkCalloutServer(BaseServer):
                         context: NetworkContext) -> npb.ProcessingResponse | None:
         direction = _direction(request)
         if direction is None:
-            logger.warning("network ProcessingRequest without read_data or write_data; "
-                           "ignoring it")
+            self._no_direction("network ProcessingRequest without read_data or "
+                                   "write_data; ignoring it")
             return None
         chunk = getattr(request, direction)
         data = chunk.data
