@@ -68,6 +68,7 @@ CHECK = "/envoy.service.auth.v3.Authorization/Check"
 DISPATCH = "/coprocess.Dispatcher/Dispatch"
 EVENT = "/coprocess.Dispatcher/DispatchEvent"
 HEALTH = "/grpc.health.v1.Health/Check"
+WATCH = "/grpc.health.v1.Health/Watch"
 REFLECTION = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
 
 
@@ -382,9 +383,14 @@ async def test_grpc_health(serve: Any, loud: pytest.LogCaptureFixture) -> None:
         health_pb2.HealthCheckResponse.SERVING
 
 
-async def test_reflection_refuses_a_malformed_request(serve: Any,
-                                                      loud: pytest.LogCaptureFixture) -> None:
+async def test_health_watch_and_reflection_refuse_a_malformed_request(
+        serve: Any, loud: pytest.LogCaptureFixture) -> None:
     served = await serve(TykPluginServer(**LOOPBACK))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await anext(aiter(served.channel.unary_stream(WATCH)(b"\xff\xff", timeout=10)))
+    assert (err.value.code(), err.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT,
+                                                       "malformed request")
+    loud.clear()
     [bad] = await served.send_all(REFLECTION, [b"\xff\xff\xff"], streaming=True)
     assert (bad.code, bad.details) == (grpc.StatusCode.INVALID_ARGUMENT, "malformed request")
     good = reflection_pb2.ServerReflectionRequest(list_services="").SerializeToString()
