@@ -133,6 +133,20 @@ async def test_unknown_fields_and_gateway_map_order_come_back_byte_identical(ser
     assert reply.endswith(b"\xa0\x01\x2a") and extra_session in reply
 
 
+async def test_unknown_group_fields_come_back_and_the_text_bodies_still_go(serve: Any) -> None:
+    client = await serve(TykPluginServer(plugins=[Plugin("MyResponsePlugin", observe)], **LOCAL))
+    # Groups (wire types 3 and 4), nested, which protobuf keeps as unknown fields: one in the
+    # Object (field 30) and one in its request (field 40, merged into request by field 3).
+    group = b"\xf3\x01" + b"\x08\x05" + b"\x13\x08\x07\x14" + b"\xf4\x01"
+    request_group = b"\xc3\x02\x08\x01\xc4\x02"
+    sent = (petstore().SerializeToString() + group
+            + b"\x1a" + bytes([len(request_group)]) + request_group)
+    reply = await client.raw(sent)
+    assert Object.FromString(reply) == textless(sent)
+    assert reply.endswith(b"\x1a" + bytes([len(request_group)]) + request_group)
+    assert group in reply and len(reply) < len(sent)
+
+
 def tag(call: PluginCall) -> None:
     call.request.set_header("X-Tagged", "yes")
 

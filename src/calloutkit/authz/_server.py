@@ -15,7 +15,6 @@ from typing import Any, NoReturn
 
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2 as apb
-from google.protobuf.message import DecodeError
 
 from ..runtime import _logging
 from ..runtime._errors import (
@@ -25,6 +24,7 @@ from ..runtime._errors import (
     StreamAbort,
     parse_error_policy,
 )
+from ..runtime._malformed import MalformedInput, describe
 from ..runtime._server import BaseServer, Handlers
 from ._request import AuthzRequest
 from ._tools import allow_request, deny_request
@@ -112,6 +112,8 @@ class AuthzServer(BaseServer):
             raise ConfigError(f"error_status: {error_status!r} is not an HTTP status "
                               "(200-599)") from None
         self._on_check = self._overridden("on_check", AuthzServer)
+        self._malformed = MalformedInput(logger,
+                                         "authz server: the request is not a CheckRequest")
 
     def on_check(self, request: AuthzRequest, context: AuthzContext) -> Any:
         """Decide on one request. Return None (allow), `allow_request` (...),
@@ -121,7 +123,8 @@ class AuthzServer(BaseServer):
     # -- gRPC ----------------------------------------------------------------------------
 
     def _handlers(self) -> Handlers:
-        # Raw bytes in and out: a malformed message gets a clear log line, and the fixed
+        # Raw bytes in and out: a malformed message is INVALID_ARGUMENT with a fixed text and
+        # a rate-limited log line rather than grpc's exception text and traceback, and the fixed
         # answers (allow, the error policy's deny) are serialized once, not per call.
         return [(SERVICE_NAME, {"Check": grpc.unary_unary_rpc_method_handler(self._check_rpc)})]
 
@@ -143,11 +146,10 @@ class AuthzServer(BaseServer):
         """
         try:
             request = apb.CheckRequest.FromString(data)
-        except DecodeError as exc:
-            logger.error("Check: the request is not an envoy.service.auth.v3.CheckRequest "
-                         "(%s)", exc)
-            raise StreamAbort(grpc.StatusCode.INVALID_ARGUMENT,
-                              "authz server: the request is not a CheckRequest") from None
+        except Exception as exc:  # any failure to decode is the peer's
+            raise self._malformed("Check: the request is not an "
+                                  f"envoy.service.auth.v3.CheckRequest ({describe(exc)})"
+                                  ) from None
         if self._on_check is None:
             return _ALLOW
         view = AuthzRequest(request)

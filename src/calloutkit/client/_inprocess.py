@@ -66,7 +66,7 @@ class InProcessStream:
             if request is None:
                 return
             self._consumed.clear()
-            yield request
+            yield request.SerializeToString()  # the server parses, as it does off the wire
 
     async def _run(self, context: _FakeContext) -> None:
         try:

@@ -26,6 +26,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from ..runtime import _logging
 from ..runtime._errors import CalloutError, ErrorPolicy, StreamAbort, parse_error_policy
 from ..runtime._invoke import Invoker
+from ..runtime._malformed import RateLimitedLog
 from ..runtime._server import BaseServer, Handlers
 from ._context import CalloutContext
 
@@ -113,6 +114,7 @@ class CalloutServer(BaseServer):
                  **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.error_policy = parse_error_policy(error_policy)
+        self._no_phase = RateLimitedLog(logger, logging.WARNING)
         self._custom_process = self._overridden("process", CalloutServer)
         self._callbacks: dict[str, Invoker | None] = {
             phase: self._overridden(f"on_{phase}", CalloutServer) for phase in _PHASES}
@@ -220,11 +222,10 @@ class CalloutServer(BaseServer):
     # -- the stream ---------------------------------------------------------------------------
 
     def _handlers(self) -> Handlers:
-        return [self._bidi_handler(SERVICE_NAME, pb.ProcessingRequest, self._stream)]
+        return [self._bidi_handler(SERVICE_NAME, self._stream)]
 
     @functools.cached_property
-    def _stream(self) -> Callable[[AsyncIterator[pb.ProcessingRequest], Any],
-                                  AsyncIterator[bytes]]:
+    def _stream(self) -> Callable[[AsyncIterator[bytes], Any], AsyncIterator[bytes]]:
         # Left at its default, new_state is not called: the context makes the namespace.
         custom_state = type(self).new_state is not CalloutServer.new_state
         new_context: Callable[[Any], CalloutContext] = (
@@ -232,7 +233,7 @@ class CalloutServer(BaseServer):
         answer: Callable[..., Any] = self._answer
         if _logging.enabled:
             new_context, answer = _with_stream_log(new_context, answer)
-        return self._stream_function(new_context, answer)
+        return self._stream_function(new_context, answer, pb.ProcessingRequest)
 
     def _new_context(self, grpc_context: Any) -> CalloutContext:
         return CalloutContext(grpc_context, self.new_state())
@@ -281,7 +282,7 @@ class CalloutServer(BaseServer):
         if phase is None:
             # Nothing to dispatch; an empty reply, as the documented server gives, keeps a
             # client that waits for one answer per message going.
-            logger.warning("ProcessingRequest without a phase; answering it empty")
+            self._no_phase("ProcessingRequest without a phase; answering it empty")
             return _NO_PHASE_REPLY
         message = getattr(request, phase)
         if phase == "request_headers":

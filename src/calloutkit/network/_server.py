@@ -27,6 +27,7 @@ from google.protobuf import json_format, struct_pb2
 
 from ..runtime import _logging
 from ..runtime._errors import CalloutError, ErrorPolicy, StreamAbort, parse_error_policy
+from ..runtime._malformed import RateLimitedLog
 from ..runtime._server import BaseServer, Handlers
 from ..runtime._tls import PeerIdentity, peer_identity
 
@@ -194,6 +195,7 @@ class NetworkCalloutServer(BaseServer):
                  **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.error_policy = parse_error_policy(error_policy)
+        self._no_direction = RateLimitedLog(logger, logging.WARNING)
         base = NetworkCalloutServer
         self._custom_process = self._overridden("process", base)
         self._callbacks = {"read_data": self._overridden("on_read_data", base),
@@ -233,16 +235,16 @@ class NetworkCalloutServer(BaseServer):
     # -- the stream ---------------------------------------------------------------------------
 
     def _handlers(self) -> Handlers:
-        return [self._bidi_handler(SERVICE_NAME, npb.ProcessingRequest, self._stream)]
+        return [self._bidi_handler(SERVICE_NAME, self._stream)]
 
     @functools.cached_property
-    def _stream(self) -> Callable[[AsyncIterator[npb.ProcessingRequest], Any],
-                                  AsyncIterator[bytes]]:
+    def _stream(self) -> Callable[[AsyncIterator[bytes], Any], AsyncIterator[bytes]]:
         new_context = self._new_context
         if _logging.enabled:  # log records name the connection's stream (runtime._logging)
             new_context = self._new_logged_context
         # A stream here is a whole TCP connection: a drain lets open connections go on.
-        return self._stream_function(new_context, self._answer, end_idle_on_drain=False)
+        return self._stream_function(new_context, self._answer, npb.ProcessingRequest,
+                                     end_idle_on_drain=False)
 
     def _new_logged_context(self, grpc_context: Any) -> NetworkContext:
         _logging.begin_stream(_logging.metadata_request_id(grpc_context))
@@ -293,8 +295,8 @@ class NetworkCalloutServer(BaseServer):
                         context: NetworkContext) -> npb.ProcessingResponse | None:
         direction = _direction(request)
         if direction is None:
-            logger.warning("network ProcessingRequest without read_data or write_data; "
-                           "ignoring it")
+            self._no_direction("network ProcessingRequest without read_data or "
+                                   "write_data; ignoring it")
             return None
         chunk = getattr(request, direction)
         data = chunk.data

@@ -7,6 +7,7 @@
 - `_invoke`: calling a user's callback, sync or async, inline or in the pool.
 - `_health`: the HTTP health listener. `_workers`: ``--workers N`` processes.
 - `_errors`: the error hierarchy, `StreamAbort` and `ErrorPolicy`.
+- `_malformed`: the answer to a request that does not decode, and its rate-limited log line.
 
 Users import these names from `calloutkit`.
 """

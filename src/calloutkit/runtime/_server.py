@@ -48,6 +48,7 @@ from ._errors import ConfigError, StreamAbort
 from ._health import HttpHealthServer
 from ._idle import StreamWatch
 from ._invoke import CallbackPool, Invoker
+from ._malformed import MalformedInput, describe, parse_requests
 from ._tls import ServerTls
 
 logger = logging.getLogger(__name__)
@@ -67,8 +68,10 @@ class _MethodTable(grpc.GenericRpcHandler):  # type: ignore[misc]
     grpc.aio asks each generic handler in turn, a Python call each, and for every call it
     accepts waits on one pending request per *registered* method as well (health's three
     alone cost a one-message ext_proc stream about 4% more instructions). Generated
-    ``add_*_to_server`` functions fill this table as if it were the server. A catch-all
-    handler, such as the proxy's, is asked only for methods the table does not have.
+    ``add_*_to_server`` functions fill this table as if it were the server; their handlers
+    (health, reflection) get their requests as bytes and parse them in `parse_requests`, so a
+    malformed one is INVALID_ARGUMENT like anywhere else. A catch-all handler, such as the
+    proxy's, is asked only for methods the table does not have.
     """
 
     def __init__(self) -> None:
@@ -78,7 +81,8 @@ class _MethodTable(grpc.GenericRpcHandler):  # type: ignore[misc]
     def add_registered_method_handlers(self, service: str,
                                        handlers: Mapping[str, grpc.RpcMethodHandler]) -> None:
         for method, handler in handlers.items():
-            self._methods[f"/{service}/{method}"] = handler
+            name = f"/{service}/{method}"
+            self._methods[name] = parse_requests(handler, name, logger)
         # Generated code also adds a generic handler for the methods it registers.
         self._others = [h for h in self._others if not (
             isinstance(h, grpc.ServiceRpcHandler) and h.service_name() == service)]
@@ -159,6 +163,13 @@ def _check_unix_bindable(path: str, what: str) -> None:
         except OSError:
             return  # a socket file nobody listens on: gRPC replaces it
     raise ConfigError(f"{where}: another server listens on it")
+
+
+def _peer(grpc_context: Any) -> str:
+    try:
+        return str(grpc_context.peer())
+    except Exception:  # a context without a peer (in-process)
+        return "?"
 
 
 def _loop_name(loop: asyncio.AbstractEventLoop) -> str:
@@ -384,25 +395,27 @@ class BaseServer(abc.ABC):
     async def _refuse(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         await context.abort(grpc.StatusCode.UNAVAILABLE, "server is draining")
 
-    def _bidi_handler(self, service: str, request_type: Any,
-                      stream: Callable[[AsyncIterator[Any], Any], AsyncIterator[bytes]],
+    def _bidi_handler(self, service: str,
+                      stream: Callable[[AsyncIterator[bytes], Any], AsyncIterator[bytes]],
                       ) -> tuple[str, Mapping[str, grpc.RpcMethodHandler]]:
-        """``service/Process`` served by the async generator ``stream``, which yields its
-        replies serialized already."""
-        return service, {"Process": grpc.stream_stream_rpc_method_handler(
-            stream, request_deserializer=request_type.FromString)}
+        """``service/Process`` served by the async generator ``stream``, which takes the
+        requests as bytes and yields its replies serialized already."""
+        return service, {"Process": grpc.stream_stream_rpc_method_handler(stream)}
 
     def _stream_function(self, new_context: Callable[[Any], C],
-                         answer: Callable[[Any, C], Any], *, end_idle_on_drain: bool = True,
-                         ) -> Callable[[AsyncIterator[Any], Any], AsyncIterator[bytes]]:
+                         answer: Callable[[Any, C], Any], request_type: Any, *,
+                         end_idle_on_drain: bool = True,
+                         ) -> Callable[[AsyncIterator[bytes], Any], AsyncIterator[bytes]]:
         """The handler of a stream-per-request protocol (ext_proc L7 and L4).
 
         One answer per request, with drain accounting: refused while draining, counted while
         open, a reply sent for each answer that is not None; `StreamAbort` ends the stream
-        with its status. ``answer`` returns the reply (a message, or its wire bytes), None,
-        or a coroutine giving either: a reply that is ready at once costs no coroutine at
-        all. (grpc.aio needs an async generator *function* here, hence the closure rather
-        than a generator method.)
+        with its status. Each request arrives as bytes and is parsed as ``request_type``
+        here; bytes that do not parse end the stream with INVALID_ARGUMENT (`MalformedInput`).
+        ``answer`` returns the reply (a message, or its wire bytes), None, or a coroutine
+        giving either: a reply that is ready at once costs no coroutine at all. (grpc.aio
+        needs an async generator *function* here, hence the closure rather than a generator
+        method.)
 
         With ``end_idle_on_drain``, a drain ends a stream that waits for its next message at
         once (UNAVAILABLE) instead of letting it hold the drain for the grace period; a
@@ -410,8 +423,12 @@ class BaseServer(abc.ABC):
         """
         timeout = self.config.stream_idle_timeout
         clock = asyncio.get_running_loop().time if timeout is not None else None
+        parse = request_type.FromString
+        full_name = request_type.DESCRIPTOR.full_name
+        malformed = MalformedInput(logger, f"malformed request: expected {full_name}")
 
-        async def stream(requests: AsyncIterator[Any], grpc_context: Any) -> AsyncIterator[bytes]:
+        async def stream(requests: AsyncIterator[bytes],
+                         grpc_context: Any) -> AsyncIterator[bytes]:
             if not self._enter_stream():
                 await self._refuse(grpc_context)
                 return
@@ -428,11 +445,18 @@ class BaseServer(abc.ABC):
                         watch.since = clock()
                     watch.waiting = True
                     try:
-                        request = await messages.__anext__()
+                        data = await messages.__anext__()
                     except StopAsyncIteration:
                         break
                     finally:
                         watch.waiting = False
+                    # The one parse grpc's deserializer would have made; a try block costs
+                    # nothing until it catches.
+                    try:
+                        request = parse(data)
+                    except Exception as exc:
+                        raise malformed(f"Process: malformed request from {_peer(grpc_context)}"
+                                        f", expected {full_name} ({describe(exc)})") from None
                     response = answer(request, context)
                     if response.__class__ is CoroutineType:
                         response = await response

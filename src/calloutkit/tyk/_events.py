@@ -47,6 +47,8 @@ class GatewayEvent:
             payload = json.loads(text)
         except ValueError as exc:
             raise CalloutError(f"event payload is not JSON ({exc})") from None
+        except RecursionError:
+            raise CalloutError("event payload is JSON nested too deeply") from None
         if not isinstance(payload, dict):
             raise CalloutError(f"event payload is JSON {type(payload).__name__}, not an object")
         message = payload.get("message")

@@ -94,6 +94,7 @@ class Hook(enum.IntEnum):
 # ResponseObject.body is 3, inside Object.request (3) and Object.response (7).
 _TEXT_BODY_OF = {3: 4, 7: 3}
 _LENGTH_DELIMITED = 2
+_START_GROUP, _END_GROUP = 3, 4
 
 
 def _varint(data: bytes, pos: int) -> tuple[int, int]:
@@ -118,22 +119,46 @@ def _encode_varint(value: int) -> bytes:
     return bytes(out)
 
 
+def _skip(data: bytes, pos: int, wire: int) -> int:
+    """Where the payload of a field of type ``wire`` that starts at ``pos`` ends."""
+    if wire == 0:
+        return _varint(data, pos)[1]
+    if wire in (1, 5):
+        return pos + (8 if wire == 1 else 4)
+    if wire == _LENGTH_DELIMITED:
+        length, pos = _varint(data, pos)
+        return pos + length
+    if wire == _START_GROUP:
+        # An unknown field may be a (deprecated) group, which protobuf keeps: skip to its
+        # end-group key, counting nested groups without recursing.
+        depth = 1
+        while depth:
+            key, pos = _varint(data, pos)
+            inner = key & 7
+            if inner == _START_GROUP:
+                depth += 1
+            elif inner == _END_GROUP:
+                depth -= 1
+            else:
+                pos = _skip(data, pos, inner)
+            if pos > len(data):
+                raise ValueError("truncated group")
+        return pos
+    raise ValueError(f"unsupported wire type {wire}")
+
+
 def _fields(data: bytes) -> list[tuple[int, int, int, int, int]]:
     """(number, wire type, key start, payload start, end) of each field of a message."""
     out, pos = [], 0
     while pos < len(data):
         begin = pos
-        key, pos = _varint(data, pos)
+        key, payload = _varint(data, pos)
         number, wire = key >> 3, key & 7
-        if wire == 0:
-            payload, (_, end) = pos, _varint(data, pos)
-        elif wire in (1, 5):
-            payload, end = pos, pos + (8 if wire == 1 else 4)
-        elif wire == _LENGTH_DELIMITED:
-            length, payload = _varint(data, pos)
+        if wire == _LENGTH_DELIMITED:
+            length, payload = _varint(data, payload)
             end = payload + length
         else:
-            raise ValueError(f"unsupported wire type {wire}")
+            end = _skip(data, payload, wire)
         if end > len(data):
             raise ValueError("truncated field")
         out.append((number, wire, begin, payload, end))

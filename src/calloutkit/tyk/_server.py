@@ -22,7 +22,6 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError
 
 from ..runtime import _logging
 from ..runtime._config import (
@@ -39,6 +38,7 @@ from ..runtime._errors import (
     parse_error_policy,
 )
 from ..runtime._invoke import Invoker
+from ..runtime._malformed import MalformedInput, RateLimitedLog, describe
 from ..runtime._server import BaseServer, Handlers
 from ._call import PluginCall, PluginResponse, check_request_uri, check_status
 from ._events import EventHandler, GatewayEvent
@@ -53,7 +53,10 @@ _GENERIC_ERROR = '{"error": "internal error in plugin"}'
 _EMPTY_REPLY = bytes(EventReply().SerializeToString())
 _HOOK_VALUES = frozenset(hook.value for hook in Hook)
 _is_request_id = named(_logging.REQUEST_ID_HEADER)
-_WARN_LIMIT = 1000  # distinct unmatched hooks warned about; beyond that, debug only
+_WARN_LIMIT = 1000  # distinct unmatched hooks remembered; beyond that, debug only
+# Distinct unmatched hooks with a warning line each; past that (a peer sending made-up hooks)
+# at most one line a minute.
+_WARN_EACH = 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,6 +167,11 @@ class TykPluginServer(BaseServer):
                 raise ConfigError(f"events: {handler.func!r} is not callable")
             self._event_handlers.append((handler, self.invoker(self._as_method(handler.func))))
         self._warned: set[tuple[str, ...]] = set()
+        self._malformed_object = MalformedInput(
+            logger, "plugin server: the request is not a coprocess.Object")
+        self._malformed_event = MalformedInput(logger, "plugin server: malformed event")
+        self._bad_object = RateLimitedLog(logger)
+        self._unmatched = RateLimitedLog(logger, logging.WARNING)
 
     def _as_method(self, func: Callable[..., Any]) -> Callable[..., Any]:
         # A function written in the class body (`plugins = [Plugin("x", check)]`) is a method.
@@ -176,8 +184,9 @@ class TykPluginServer(BaseServer):
     # -- gRPC ----------------------------------------------------------------------------
 
     def _handlers(self) -> Handlers:
-        # No (de)serialisers: the handlers see raw bytes, so a malformed message gets a clear
-        # log line, and an Object nobody changed goes back exactly as it came.
+        # No (de)serialisers: the handlers see raw bytes, so a malformed message is
+        # INVALID_ARGUMENT with a fixed text and a rate-limited log line (not grpc's exception
+        # text and traceback), and an Object nobody changed goes back exactly as it came.
         return [(SERVICE_NAME, {
             "Dispatch": grpc.unary_unary_rpc_method_handler(self._dispatch_rpc),
             "DispatchEvent": grpc.unary_unary_rpc_method_handler(self._event_rpc),
@@ -218,11 +227,10 @@ class TykPluginServer(BaseServer):
     async def _dispatch(self, data: bytes) -> bytes:
         try:
             obj = Object.FromString(data)
-        except DecodeError as exc:
+        except Exception as exc:  # any failure to decode is the peer's
             # Whatever the policy, there is no Object to answer with.
-            logger.error("Dispatch: the request is not a coprocess.Object (%s)", exc)
-            raise StreamAbort(grpc.StatusCode.INVALID_ARGUMENT,
-                              "plugin server: the request is not a coprocess.Object") from None
+            raise self._malformed_object("Dispatch: the request is not a coprocess.Object "
+                                         f"({describe(exc)})") from None
         if _logging.enabled:  # log records name the gateway's request (runtime._logging)
             _logging.begin_stream(next((value for name, value in obj.request.headers.items()
                                         if _is_request_id(name)), None))
@@ -241,8 +249,8 @@ class TykPluginServer(BaseServer):
             return data
         problem = _malformed(obj, hook)
         if problem:
-            logger.error("Dispatch %s: %s; answering with the %s policy", label, problem,
-                         self.error_policy.value)
+            self._bad_object(f"Dispatch {label}: {problem}; answering with the "
+                             f"{self.error_policy.value} policy")
             return self._failure(data, _Outcome.BAD_INPUT)
         pristine = Object.FromString(data)
         plugin, invoker = entry
@@ -290,7 +298,10 @@ class TykPluginServer(BaseServer):
             return
         if len(self._warned) < _WARN_LIMIT:
             self._warned.add(key)
-        logger.warning(message)
+        if len(self._warned) <= _WARN_EACH:
+            logger.warning(message)
+        else:
+            self._unmatched(message)
 
     # -- DispatchEvent ---------------------------------------------------------------------
 
@@ -301,16 +312,20 @@ class TykPluginServer(BaseServer):
         end with a gRPC status (``fail_closed`` and ``abort``: a malformed event or a failing
         handler is reported to the gateway, which logs it).
         """
+        # Any failure to decode (protobuf's, json's, a RecursionError from deep nesting) is
+        # the peer's.
         try:
             payload = Event.FromString(data).payload
-        except DecodeError as exc:
-            logger.error("DispatchEvent: the request is not a coprocess.Event (%s)", exc)
-            return self._event_failure(grpc.StatusCode.INVALID_ARGUMENT, "malformed event")
+        except Exception as exc:
+            return self._bad_event("DispatchEvent: the request is not a coprocess.Event "
+                                   f"({describe(exc)})")
         try:
             event = GatewayEvent.decode(payload)
         except CalloutError as exc:
-            logger.error("DispatchEvent: %s: %r", exc, _preview(payload))
-            return self._event_failure(grpc.StatusCode.INVALID_ARGUMENT, "malformed event")
+            return self._bad_event(f"DispatchEvent: {exc}: {_preview(payload)!r}")
+        except Exception as exc:
+            return self._bad_event(f"DispatchEvent: event payload does not decode "
+                                   f"({describe(exc)}): {_preview(payload)!r}")
         handlers = [(h, invoker) for h, invoker in self._event_handlers if h.matches(event)]
         if not handlers:
             self._warn_once(("event", event.type, event.handler_name),
@@ -328,6 +343,12 @@ class TykPluginServer(BaseServer):
         if failed:
             return self._event_failure(grpc.StatusCode.INTERNAL, "event handler failed")
         return _EMPTY_REPLY
+
+    def _bad_event(self, problem: str) -> bytes:
+        abort = self._malformed_event(problem)
+        if self.error_policy is ErrorPolicy.CONTINUE:
+            return _EMPTY_REPLY
+        raise abort
 
     def _event_failure(self, code: grpc.StatusCode, details: str) -> bytes:
         if self.error_policy is ErrorPolicy.CONTINUE:
