@@ -126,18 +126,7 @@ class AuthzServer(BaseServer):
         # Raw bytes in and out: a malformed message is INVALID_ARGUMENT with a fixed text and
         # a rate-limited log line rather than grpc's exception text and traceback, and the fixed
         # answers (allow, the error policy's deny) are serialized once, not per call.
-        return [(SERVICE_NAME, {"Check": grpc.unary_unary_rpc_method_handler(self._check_rpc)})]
-
-    async def _check_rpc(self, data: bytes, grpc_context: Any) -> bytes:
-        if not self._enter_stream():
-            await self._refuse(grpc_context)
-        try:
-            return await self.check_bytes(data, grpc_context)
-        except StreamAbort as abort:
-            await grpc_context.abort(abort.code, abort.details)
-            raise  # unreachable: abort raises
-        finally:
-            self._leave_stream()
+        return [(SERVICE_NAME, {"Check": self._unary_handler(self.check_bytes)})]
 
     async def check_bytes(self, data: bytes, grpc_context: Any = None) -> bytes:
         """Answer one serialized `CheckRequest` as the ``Check`` RPC does, without the network.

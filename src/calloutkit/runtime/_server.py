@@ -28,7 +28,7 @@ import socket
 import ssl
 import stat
 import threading
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from types import CoroutineType
 from typing import Any, TypeVar
 
@@ -394,6 +394,30 @@ class BaseServer(abc.ABC):
 
     async def _refuse(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         await context.abort(grpc.StatusCode.UNAVAILABLE, "server is draining")
+
+    def _unary_handler(self, answer: Callable[[bytes, Any], Awaitable[bytes]],
+                       ) -> grpc.RpcMethodHandler:
+        """A unary method served by ``answer(request bytes, context) -> reply bytes``, with
+        drain accounting: refused while draining, counted while running; `StreamAbort` ends the
+        call with its status, and any other exception with INTERNAL and a fixed text (logged
+        here with its traceback: it is calloutkit's bug, and its text must not reach the
+        gateway)."""
+        async def call(data: bytes, context: Any) -> bytes:
+            if not self._enter_stream():
+                await self._refuse(context)
+            try:
+                return await answer(data, context)
+            except StreamAbort as abort:
+                await context.abort(abort.code, abort.details)
+                raise  # unreachable: abort raises
+            except Exception:
+                logger.exception("%s failed", getattr(answer, "__qualname__", "a unary call"))
+                await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+                raise  # unreachable
+            finally:
+                self._leave_stream()
+
+        return grpc.unary_unary_rpc_method_handler(call)
 
     def _bidi_handler(self, service: str,
                       stream: Callable[[AsyncIterator[bytes], Any], AsyncIterator[bytes]],

@@ -188,31 +188,15 @@ class TykPluginServer(BaseServer):
         # INVALID_ARGUMENT with a fixed text and a rate-limited log line (not grpc's exception
         # text and traceback), and an Object nobody changed goes back exactly as it came.
         return [(SERVICE_NAME, {
-            "Dispatch": grpc.unary_unary_rpc_method_handler(self._dispatch_rpc),
-            "DispatchEvent": grpc.unary_unary_rpc_method_handler(self._event_rpc),
+            "Dispatch": self._unary_handler(self._dispatch_rpc),
+            "DispatchEvent": self._unary_handler(self._event_rpc),
         })]
 
     async def _dispatch_rpc(self, data: bytes, context: Any) -> bytes:
-        if not self._enter_stream():
-            await self._refuse(context)
-        try:
-            return await self.dispatch_bytes(data)
-        except StreamAbort as abort:
-            await context.abort(abort.code, abort.details)
-            raise  # unreachable: abort raises
-        finally:
-            self._leave_stream()
+        return await self.dispatch_bytes(data)
 
     async def _event_rpc(self, data: bytes, context: Any) -> bytes:
-        if not self._enter_stream():
-            await self._refuse(context)
-        try:
-            return await self.dispatch_event_bytes(data)
-        except StreamAbort as abort:
-            await context.abort(abort.code, abort.details)
-            raise
-        finally:
-            self._leave_stream()
+        return await self.dispatch_event_bytes(data)
 
     # -- Dispatch --------------------------------------------------------------------------
 
