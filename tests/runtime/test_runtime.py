@@ -290,9 +290,10 @@ def test_a_taken_port_is_a_clear_error_not_a_shared_port():
 
 
 def test_drain_delay_reports_not_serving_but_still_serves_then_refuses():
-    process = spawn([sys.executable, "-m", "calloutkit", "serve", "tests/servers/pid_server.py",
+    process = spawn([sys.executable, "-m", "calloutkit", "serve", "tests/servers/gate_server.py",
                      "--plaintext_address", "127.0.0.1:0", "--health_check_address",
-                     "127.0.0.1:0", "--disable_tls", "--drain_delay", "1.5"])
+                     "127.0.0.1:0", "--disable_tls", "--drain_delay", "1.5"],
+                    env={"SLOW_SECONDS": "4"})
     try:
         line = read_until(process, "serving:")
         port = int(line.split("grpc 127.0.0.1:")[1].split(",")[0])
@@ -302,14 +303,9 @@ def test_drain_delay_reports_not_serving_but_still_serves_then_refuses():
                 METHOD, request_serializer=pb.ProcessingRequest.SerializeToString,
                 response_deserializer=pb.ProcessingResponse.FromString)
             check = health_pb2_grpc.HealthStub(channel).Check
-            gate = threading.Event()
-
-            def held_open():
-                yield headers_request()
-                gate.wait(10)
-
-            held = call(held_open(), timeout=10)  # open through the delay, idle at the drain
-            next(held)
+            # Mid-callback through the delay and into the drain: keeps the server in its grace.
+            held = call(iter([headers_request("/slow")]), timeout=20)
+            time.sleep(0.3)  # its callback has started
             os.kill(process.pid, signal.SIGTERM)
             read_until(process, "still served for 1.5s (drain_delay)")
             signalled = time.monotonic()
@@ -324,10 +320,10 @@ def test_drain_delay_reports_not_serving_but_still_serves_then_refuses():
             with pytest.raises(grpc.RpcError) as refused:
                 list(call(iter([headers_request()]), timeout=5))
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
-            gate.set()
-            # Waiting for Envoy's next message when the drain began: ended at once.
+            # The stream in flight gets its reply within the grace, then the drain ends it.
+            assert next(held).HasField("request_headers")
             with pytest.raises(grpc.RpcError) as ended:
-                list(held)
+                next(held)
             assert (ended.value.code(), ended.value.details()) == (
                 grpc.StatusCode.UNAVAILABLE, "server is draining")
         assert process.wait(10) == 0
