@@ -20,6 +20,10 @@ if TYPE_CHECKING:
     )
     from google.protobuf import any_pb2, struct_pb2
 
+# Slots the server sets as their messages arrive; read as None before (`__getattr__`).
+_UNSET_IS_NONE = frozenset({"_request_start", "_response_start", "_request_trailers",
+                            "_response_trailers"})
+
 # The key of Envoy's own attributes in ProcessingRequest.attributes.
 ATTRIBUTES_KEY = "envoy.filters.http.ext_proc"
 
@@ -90,6 +94,12 @@ class CalloutContext:
                  "request_body_mode", "request_headers", "response_body_mode",
                  "response_headers", "state")
 
+    # Types of the slots left unset until their message arrives (see __init__).
+    _request_start: ProcessingRequest | None
+    _response_start: ProcessingRequest | None
+    _request_trailers: HttpTrailers | None
+    _response_trailers: HttpTrailers | None
+
     def __init__(self, grpc_context: Any, state: Any = None) -> None:
         self._grpc = grpc_context
         self.state: Any = types.SimpleNamespace() if state is None else state
@@ -99,12 +109,10 @@ class CalloutContext:
         self.request_body_mode = 0
         self.response_body_mode = 0
         self._strip_response_length = False
-        # The ProcessingRequests that carried each direction's headers (and its attributes),
-        # and the trailers: what the accessors read from on later phases.
-        self._request_start: ProcessingRequest | None = None
-        self._response_start: ProcessingRequest | None = None
-        self._request_trailers: HttpTrailers | None = None
-        self._response_trailers: HttpTrailers | None = None
+        # _request_start / _response_start (the ProcessingRequests that carried each
+        # direction's headers, and so its attributes) and the trailers are set when those
+        # messages arrive and left unset until then: `__getattr__` reads an unset one as
+        # None, so a stream does not pay for storing four Nones it may never read.
 
     def _cached(self, key: str, sources: tuple[Any, ...],
                 build: Callable[[], Any]) -> Any:
@@ -213,6 +221,9 @@ class CalloutContext:
         raise StreamAbort(code, details)
 
     def __getattr__(self, name: str) -> Any:
+        # Only reached for a name that is neither set nor a class attribute.
+        if name in _UNSET_IS_NONE:
+            return None
         return getattr(self._grpc, name)
 
 
