@@ -180,3 +180,18 @@ def test_a_context_outside_a_stream_reads_empty() -> None:
     assert context.attributes == {}
     assert context.metadata == {}
     assert context.typed_metadata == {}
+
+
+async def test_a_def_process_override_sees_the_same_accessors() -> None:
+    class Raw(Recorder):
+        def process(self, callout, context):
+            return super().process(callout, context)
+
+    server = Raw(**LOOPBACK)
+    async with CalloutClient(server).stream() as stream:
+        await stream.request_headers({"X-A": "1"}, attributes={EXT_PROC: {"request.id": "r"}})
+        await stream.request_trailers({"x-t": "2"})
+        await stream.response_headers({":status": "204"})
+    assert server.seen["response_headers"]["request"] == {"x-a": "1"}
+    assert server.seen["response_headers"]["request_trailers"] == {"x-t": "2"}
+    assert server.seen["response_headers"]["attributes"] == {"request.id": "r"}
