@@ -1,7 +1,8 @@
 """metadata: read the metadata Envoy forwards and reflect it in a header.
 
 Envoy sends the namespaces listed in ``metadata_options.forwarding_namespaces`` in every
-message's ``metadata_context`` (as protobuf Structs). This server turns them into compact
+message's ``metadata_context`` (as protobuf Structs); ``context.metadata`` gives them as
+plain Python. This server turns them into compact
 JSON and sets it as ``x-forwarded-metadata`` on the request (the upstream sees it) and on the
 response (the client sees it). Without forwarded metadata, it sets ``x-forwarded-metadata: {}``.
 (Not ``x-envoy-...``: Envoy ignores a callout's changes to ``x-envoy-*`` headers.)
@@ -24,7 +25,6 @@ import json
 from typing import Any
 
 from envoy.service.ext_proc.v3.external_processor_pb2 import HeadersResponse, HttpHeaders
-from google.protobuf import json_format
 
 from calloutkit import CalloutContext, CalloutServer, add_header_mutation, nonblocking
 
@@ -41,11 +41,8 @@ def _whole_numbers(value: Any) -> Any:
 
 def forwarded_metadata(context: CalloutContext) -> dict[str, Any]:
     """``{namespace: values}`` from the message being handled."""
-    request = context.request
-    if request is None:
-        return {}
-    return {namespace: _whole_numbers(json_format.MessageToDict(struct))
-            for namespace, struct in sorted(request.metadata_context.filter_metadata.items())}
+    return {namespace: _whole_numbers(values)
+            for namespace, values in sorted(context.metadata.items())}
 
 
 def metadata_header(context: CalloutContext) -> HeadersResponse:

@@ -20,6 +20,7 @@ from .authz._server import AuthzContext, AuthzServer
 from .authz._tools import allow_request, deny_request
 from .cli import add_command_line_args
 from .extproc._context import CalloutContext
+from .extproc._headers import Headers
 from .extproc._server import CalloutServer
 from .extproc._tools import (
     add_body_mutation,
@@ -56,6 +57,7 @@ __all__ = [
     "CalloutServer",
     "ConfigError",
     "ErrorPolicy",
+    "Headers",
     "NetworkCalloutServer",
     "NetworkContext",
     "PeerIdentity",

@@ -89,6 +89,15 @@ def _mutation(response: pb.ProcessingResponse) -> Any:
     return payload.response.header_mutation
 
 
+def _attach(request: pb.ProcessingRequest, attributes: Mapping[str, Mapping[str, Any]] | None,
+            metadata: Mapping[str, Mapping[str, Any]] | None) -> pb.ProcessingRequest:
+    for name, values in (attributes or {}).items():
+        json_format.ParseDict(dict(values), request.attributes[name])
+    for namespace, values in (metadata or {}).items():
+        json_format.ParseDict(dict(values), request.metadata_context.filter_metadata[namespace])
+    return request
+
+
 class CalloutStream(InProcessStream):
     """One ext_proc stream (one HTTP request) against an in-process server.
 
@@ -122,18 +131,16 @@ class CalloutStream(InProcessStream):
                               ) -> pb.ProcessingResponse | None:
         """Send request headers (``attributes`` and ``metadata`` as Envoy would attach them)."""
         request = pb.ProcessingRequest(request_headers=http_headers(headers, end_of_stream))
-        for name, values in (attributes or {}).items():
-            json_format.ParseDict(dict(values), request.attributes[name])
-        for namespace, values in (metadata or {}).items():
-            json_format.ParseDict(dict(values),
-                                  request.metadata_context.filter_metadata[namespace])
-        return await self.send(request)
+        return await self.send(_attach(request, attributes, metadata))
 
-    async def response_headers(self, headers: HeaderInput,
-                               end_of_stream: bool = False) -> pb.ProcessingResponse | None:
-        """Send response headers."""
-        return await self.send(pb.ProcessingRequest(
-            response_headers=http_headers(headers, end_of_stream)))
+    async def response_headers(self, headers: HeaderInput, end_of_stream: bool = False,
+                               attributes: Mapping[str, Mapping[str, Any]] | None = None,
+                               metadata: Mapping[str, Mapping[str, Any]] | None = None,
+                               ) -> pb.ProcessingResponse | None:
+        """Send response headers (``attributes`` and ``metadata`` as Envoy would attach
+        them: ``{"envoy.filters.http.ext_proc": {"response.code": 200}}``)."""
+        request = pb.ProcessingRequest(response_headers=http_headers(headers, end_of_stream))
+        return await self.send(_attach(request, attributes, metadata))
 
     async def request_body(self, body: bytes | str,
                            end_of_stream: bool = True) -> pb.ProcessingResponse | None:

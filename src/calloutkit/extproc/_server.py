@@ -187,10 +187,7 @@ class CalloutServer(BaseServer):
         if phase is None or callback is None:
             return self._dispatch_now(request, context)  # no callback: ready at once
         message = getattr(request, phase)
-        if phase == "request_headers":
-            context.request_headers = message
-        elif phase == "response_headers":
-            context.response_headers = message
+        _remember(phase, message, request, context)
         try:
             result = callback.func(message, context)
             if result.__class__ not in _REPLY_CLASSES and inspect.isawaitable(result):
@@ -285,10 +282,17 @@ class CalloutServer(BaseServer):
             self._no_phase("ProcessingRequest without a phase; answering it empty")
             return _NO_PHASE_REPLY
         message = getattr(request, phase)
+        # _remember, inlined: this runs for every message of every stream.
         if phase == "request_headers":
             context.request_headers = message
+            context._request_start = request
         elif phase == "response_headers":
             context.response_headers = message
+            context._response_start = request
+        elif phase == "request_trailers":
+            context._request_trailers = message
+        elif phase == "response_trailers":
+            context._response_trailers = message
         callback = self._callbacks[phase]
         if callback is None:
             return self._reply(phase, None, request, context)
@@ -439,6 +443,22 @@ def _with_stream_log(new_context: Callable[[Any], CalloutContext], answer: Calla
         return answer(request, context)
 
     return logged_context, logged_answer
+
+
+def _remember(phase: str, message: Any, request: pb.ProcessingRequest,
+              context: CalloutContext) -> None:
+    """Keep what later phases read through the context: the headers, the request that
+    carried them (its attributes) and the trailers. References only; nothing is copied."""
+    if phase == "request_headers":
+        context.request_headers = message
+        context._request_start = request
+    elif phase == "response_headers":
+        context.response_headers = message
+        context._response_start = request
+    elif phase == "request_trailers":
+        context._request_trailers = message
+    elif phase == "response_trailers":
+        context._response_trailers = message
 
 
 def _as_message(reply: _Reply | None) -> pb.ProcessingResponse | None:

@@ -28,6 +28,8 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import json_format, struct_pb2
 
 from ._context import CalloutContext
+from ._headers import header_text as _text
+from ._headers import header_values as _header_values
 
 logger = logging.getLogger(__name__)
 
@@ -324,20 +326,6 @@ def add_dynamic_metadata(context: CalloutContext, reply: Any,
     else:
         json_format.ParseDict(dict(metadata), response.dynamic_metadata)
     return response
-
-
-def _text(header: base_pb2.HeaderValue) -> str:
-    """A header's value as text: ``raw_value`` (what Envoy sends), else ``value`` (other
-    data planes)."""
-    return str(header.raw_value.decode("utf-8", "replace") if header.raw_value else header.value)
-
-
-def _header_values(headers: Any) -> Iterable[base_pb2.HeaderValue]:
-    if isinstance(headers, pb.HttpHeaders):
-        return headers.headers.headers  # type: ignore[no-any-return]
-    if isinstance(headers, pb.HttpTrailers):
-        return headers.trailers.headers  # type: ignore[no-any-return]
-    return headers.headers  # type: ignore[no-any-return]
 
 
 StatusCode = http_status_pb2.StatusCode

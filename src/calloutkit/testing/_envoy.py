@@ -23,6 +23,7 @@ from typing import Any
 from ..runtime._errors import CalloutKitError
 
 _EXT_PROC = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
+_PER_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute"
 _HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 _KEPT_LOG = 64 * 1024  # how much of the log log_tail() can still show after stop()
 
@@ -79,18 +80,27 @@ def envoy_config(callout_port: int, upstream_port: int, *,
                  initial_metadata: Mapping[str, str] | None = None,
                  callout_tls_ca: str | None = None,
                  filter_options: Mapping[str, Any] | None = None,
+                 per_route: Mapping[str, Mapping[str, Any]] | None = None,
                  listener_port: int = 0, admin_port: int = 0,
                  access_log: bool = True) -> dict[str, Any]:
     """An Envoy 1.40 bootstrap: listener -> [set_metadata] -> ext_proc -> router -> upstream.
 
     ``processing_mode`` uses Envoy's field names (``request_body_mode: BUFFERED``, ...);
     ``metadata`` puts ``{namespace: values}`` on each request with a set_metadata filter so the
-    callout can read it in ``metadata_context`` (forward it with ``forwarding_namespaces``).
+    callout can read it in ``context.metadata`` (forward it with ``forwarding_namespaces``);
+    ``request_attributes`` / ``response_attributes`` arrive in ``context.attributes``.
+
+    ``per_route`` maps a path prefix to the filter's per-route config (an ``ExtProcPerRoute``
+    as Envoy spells it): ``{"disabled": True}`` or ``{"overrides": {"processing_mode": ...,
+    "grpc_initial_metadata": [{"key": ..., "value": ...}], ...}}``. Those routes come first,
+    in the order given (Envoy takes the first that matches), then the catch-all ``/`` route
+    unless ``per_route`` names ``/`` itself.
 
     Example::
 
         config = envoy_config(server.plaintext_port, upstream.port,
-                              processing_mode={"request_body_mode": "BUFFERED"})
+                              processing_mode={"request_body_mode": "BUFFERED"},
+                              per_route={"/health": {"disabled": True}})
     """
     mode = {"request_header_mode": "SEND", "response_header_mode": "SEND",
             "request_body_mode": "NONE", "response_body_mode": "NONE",
@@ -130,9 +140,7 @@ def envoy_config(callout_port: int, upstream_port: int, *,
         "stat_prefix": "ingress_http",
         "http_protocol_options": {"enable_trailers": True},
         "route_config": {"name": "local", "virtual_hosts": [{
-            "name": "all", "domains": ["*"],
-            "routes": [{"match": {"prefix": "/"},
-                        "route": {"cluster": "upstream", "timeout": "60s"}}]}]},
+            "name": "all", "domains": ["*"], "routes": _routes(per_route or {})}]},
         "http_filters": filters,
     }
     if access_log:
@@ -140,6 +148,19 @@ def envoy_config(callout_port: int, upstream_port: int, *,
     return _bootstrap(hcm, listener_port, admin_port, [
         _cluster("callout", callout_port, http2=True, tls_ca=callout_tls_ca),
         _cluster("upstream", upstream_port, http2=False)])
+
+
+def _routes(per_route: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    routes = []
+    for prefix, override in per_route.items():
+        routes.append({"match": {"prefix": prefix},
+                       "route": {"cluster": "upstream", "timeout": "60s"},
+                       "typed_per_filter_config": {"envoy.filters.http.ext_proc": {
+                           "@type": _PER_ROUTE, **override}}})
+    if "/" not in per_route:
+        routes.append({"match": {"prefix": "/"},
+                       "route": {"cluster": "upstream", "timeout": "60s"}})
+    return routes
 
 
 def _access_log(fields: str = "") -> list[dict[str, Any]]:
