@@ -255,6 +255,14 @@ impl Server {
     }
 }
 
+impl Drop for Server {
+    fn drop(&mut self) {
+        // A server dropped without `stop` must not keep its thread serving; it cannot be
+        // joined here, where the GIL may be held and the thread may be waiting for it.
+        self.state.send_replace(transport::STOPPED);
+    }
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
