@@ -204,8 +204,16 @@ impl Server {
             }
             _ => None,
         };
-        let listener =
-            bind(host, port, reuse_port).map_err(|e| PyOSError::new_err(e.to_string()))?;
+        let listener = bind(host, port, reuse_port).map_err(|e| match e.raw_os_error() {
+            // OSError(errno, strerror), as Python's own socket errors: the runtime's message
+            // is then the same on both transports.
+            Some(code) => {
+                let text = e.to_string();
+                let suffix = format!(" (os error {code})");
+                PyOSError::new_err((code, text.trim_end_matches(&suffix).to_owned()))
+            }
+            None => PyOSError::new_err(e.to_string()),
+        })?;
         let bound = listener.local_addr()?.port();
         self.listeners.push((listener, tls));
         Ok(bound)

@@ -320,6 +320,16 @@ def test_bad_transport_and_unservable_kinds_are_config_errors() -> None:
     assert Mutator(**LOOPBACK, environ={}).config.transport == "grpcio"
 
 
+async def test_a_key_rustls_cannot_use_is_a_config_error(certs: Certs, tmp_path) -> None:
+    key = tmp_path / "key.pem"
+    key.write_text("-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n")
+    server = Mutator(secure_address=("127.0.0.1", 0), disable_plaintext=True,
+                     combined_health_check=True, cert_chain_path=certs.cert_path,
+                     private_key_path=str(key), transport="native")
+    with pytest.raises(ConfigError, match=r"^TLS listener 127\.0\.0\.1:0: "):
+        await server.start()
+
+
 async def test_a_proxy_cannot_run_on_the_native_transport() -> None:
     async def nowhere(method, context, peeker):
         return None

@@ -137,6 +137,9 @@ class _Stream:
 
     def _start(self, pending: Any) -> None:
         self._task = self._loop.create_task(_complete(self._call, pending))
+        # A task cancelled before its first step never starts the answer's coroutine; close
+        # it then, or Python warns of a coroutine never awaited. (Once it ran, this is a no-op.)
+        self._task.add_done_callback(lambda _: pending.close())
 
     def on_end(self) -> None:
         # Only a stream that ever handed work to the loop has anything there to cancel; the

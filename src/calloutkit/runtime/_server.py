@@ -604,9 +604,11 @@ class BaseServer(abc.ABC):
                     port = server.listen(address[0], address[1], reuse_port,
                                          cfg.cert_chain if tls else None,
                                          cfg.private_key if tls else None)
-                except (OSError, ValueError) as exc:
+                except OSError as exc:
                     raise ConfigError(f"cannot bind {what} listener {format_address(address)}: "
-                                      f"{exc}") from None
+                                      f"{exc.strerror or exc}") from None
+                except ValueError as exc:  # a certificate or key rustls cannot use
+                    raise ConfigError(f"TLS listener {format_address(address)}: {exc}") from None
                 if tls:
                     self.secure_port = port
                 else:
