@@ -152,9 +152,11 @@ fn bind(host: &str, port: u16, reuse_port: bool) -> std::io::Result<std::net::Tc
 
 #[pymethods]
 impl Server {
-    /// ``methods`` maps each path (``/package.Service/Method``) to ``(bidi, handler)``: a
-    /// bidi handler is called with the `Call` and returns the stream object (None refuses
-    /// the stream with UNAVAILABLE); a unary one is called with the `Call` and the request.
+    /// ``methods`` maps each path (``/package.Service/Method``) to ``(bidi, handler,
+    /// end_idle_on_drain)``: a bidi handler is called with the `Call` and returns the stream
+    /// object (None refuses the stream with UNAVAILABLE); a unary one is called with the
+    /// `Call` and the request. With ``end_idle_on_drain``, a stream waiting for its next
+    /// message when the drain begins is ended with UNAVAILABLE.
     #[new]
     fn new(
         methods: &Bound<'_, PyDict>,
@@ -163,11 +165,13 @@ impl Server {
     ) -> PyResult<Self> {
         let mut table = HashMap::new();
         for (path, entry) in methods.iter() {
-            let (bidi, handler): (bool, Py<PyAny>) = entry.extract()?;
-            table.insert(
-                path.extract::<String>()?,
-                transport::Method { bidi, handler },
-            );
+            let (bidi, handler, end_idle_on_drain): (bool, Py<PyAny>, bool) = entry.extract()?;
+            let method = transport::Method {
+                bidi,
+                handler,
+                end_idle_on_drain,
+            };
+            table.insert(path.extract::<String>()?, method);
         }
         if max_concurrent_streams == 0 {
             return Err(PyValueError::new_err("max_concurrent_streams must be >= 1"));

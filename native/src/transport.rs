@@ -28,6 +28,7 @@ pub const STOPPED: u8 = 2;
 pub struct Method {
     pub bidi: bool,
     pub handler: Py<PyAny>,
+    pub end_idle_on_drain: bool,
 }
 
 /// What every connection and stream of one server reads.
@@ -159,7 +160,8 @@ async fn serve_connection<T>(
         tokio::select! {
             next = connection.accept() => match next {
                 Some(Ok((request, respond))) => {
-                    tokio::spawn(serve_stream(shared.clone(), request, respond, peer.clone()));
+                    let (shared, peer, state) = (shared.clone(), peer.clone(), state.clone());
+                    tokio::spawn(serve_stream(shared, request, respond, peer, state));
                 }
                 _ => return,
             },
@@ -336,6 +338,7 @@ async fn serve_stream(
     request: http::Request<RecvStream>,
     respond: SendResponse<Bytes>,
     peer: Arc<str>,
+    state: watch::Receiver<u8>,
 ) {
     let (parts, body) = request.into_parts();
     let deadline = parts
@@ -371,7 +374,7 @@ async fn serve_stream(
     };
     let max = shared.max_message_size;
     let ended = {
-        let answer = answer(method, call, messages, &mut reply, receiver, max);
+        let answer = answer(method, call, messages, &mut reply, receiver, max, state);
         match deadline {
             Some(deadline) => tokio::select! {
                 ended = answer => ended,
@@ -395,6 +398,7 @@ async fn answer(
     reply: &mut Reply,
     mut events: mpsc::UnboundedReceiver<Event>,
     max: usize,
+    mut state: watch::Receiver<u8>,
 ) -> Option<Status> {
     let call_object = Python::attach(|py| Py::new(py, Call { state: call }));
     let Ok(call_object) = call_object else {
@@ -443,7 +447,20 @@ async fn answer(
         Err(status) => return Some(status),
     };
     loop {
-        let message = match messages.next().await {
+        let next = if method.end_idle_on_drain {
+            // The grace period is for streams mid-callback: one waiting for its next message
+            // (Envoy waits on the upstream meanwhile) would only hold the drain.
+            tokio::select! {
+                biased;
+                _ = state.wait_for(|state| *state != SERVING) => {
+                    return Some(Status::new(grpc::UNAVAILABLE, "server is draining"));
+                }
+                next = messages.next() => next,
+            }
+        } else {
+            messages.next().await
+        };
+        let message = match next {
             Next::Message(message) => message,
             Next::HalfClosed => return Some(Status::new(grpc::OK, "")),
             Next::Refused(status) => return Some(status),

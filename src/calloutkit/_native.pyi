@@ -21,7 +21,7 @@ class Call:
 class Server:
     """A gRPC server on its own transport thread."""
 
-    def __init__(self, methods: Mapping[str, tuple[bool, Callable[..., Any]]],
+    def __init__(self, methods: Mapping[str, tuple[bool, Callable[..., Any], bool]],
                  max_message_size: int, max_concurrent_streams: int) -> None: ...
     def listen(self, host: str, port: int, reuse_port: bool = False,
                cert_chain: bytes | None = None, private_key: bytes | None = None) -> int: ...

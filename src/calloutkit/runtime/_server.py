@@ -472,8 +472,10 @@ class BaseServer(abc.ABC):
                 self._watches.discard(watch)
                 self._leave_stream()
 
-        # The native transport calls the same pair, per message, without the generator.
-        stream.calloutkit_parts = (new_context, answer)  # type: ignore[attr-defined]
+        # The native transport calls the same pair, per message, without the generator, and
+        # ends a stream waiting for its next message at the drain as this loop does.
+        stream.calloutkit_parts = (  # type: ignore[attr-defined]
+            new_context, answer, end_idle_on_drain)
         return stream
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -552,10 +554,12 @@ class BaseServer(abc.ABC):
 
     # -- the native transport ----------------------------------------------------------------
 
-    def _native_methods(self, loop: asyncio.AbstractEventLoop) -> dict[str, tuple[bool, Any]]:
+    def _native_methods(self, loop: asyncio.AbstractEventLoop,
+                        ) -> dict[str, tuple[bool, Any, bool]]:
         """The method table for the native transport, from the same `_handlers()`."""
-        methods: dict[str, tuple[bool, Any]] = {
-            _HEALTH_CHECK: (False, _native.unary_handler(self._native_health, None, loop))}
+        methods: dict[str, tuple[bool, Any, bool]] = {
+            _HEALTH_CHECK: (False, _native.unary_handler(self._native_health, None, loop),
+                            False)}
         for service, handlers in self._handlers():
             if isinstance(handlers, grpc.GenericRpcHandler):
                 raise ConfigError(f"{type(self).__name__} serves methods the native transport "
@@ -564,13 +568,13 @@ class BaseServer(abc.ABC):
                 path = f"/{service}/{name}"
                 parts = getattr(handler.stream_stream, "calloutkit_parts", None)
                 if parts is not None:
-                    new_context, answer = parts
+                    new_context, answer, end_idle_on_drain = parts
                     methods[path] = (True, _native.stream_opener(
                         new_context, answer, handler.request_deserializer,
-                        lambda: self._draining, loop))
+                        lambda: self._draining, loop), end_idle_on_drain)
                 elif (handler.unary_unary is not None and handler.response_serializer is None):
                     methods[path] = (False, _native.unary_handler(
-                        handler.unary_unary, handler.request_deserializer, loop))
+                        handler.unary_unary, handler.request_deserializer, loop), False)
                 else:
                     raise ConfigError(f"{type(self).__name__}: {path} is a kind of method the "
                                       "native transport does not serve: use transport='grpcio'")
