@@ -1,5 +1,6 @@
 # Two entry points: `make demo` (the main job) and `make test` (what CI runs).
-# Everything installs into ./.venv from PyPI; nothing else is needed but Python 3.11+.
+# Everything installs into ./.venv from PyPI; nothing else is needed but Python 3.11+ and a
+# Rust toolchain (cargo), which builds the native transport (native/) during the install.
 # Every install comes from requirements/*.lock (exact versions with hashes), so a fresh
 # machine gets the same versions every time; `make lock` refreshes the locks.
 PYTHON ?= python3
@@ -11,7 +12,7 @@ STAMP  := $(VENV)/.installed
 
 # The build backend comes from the lock too (--no-build-isolation), so installing calloutkit
 # itself fetches nothing unpinned.
-$(STAMP): pyproject.toml requirements/dev.lock
+$(STAMP): pyproject.toml requirements/dev.lock native/Cargo.toml native/Cargo.lock $(wildcard native/src/*.rs)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --require-hashes \
 		-r requirements/dev.lock
@@ -27,6 +28,8 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests examples bench
 	$(BIN)/mypy
+	cargo fmt --check --manifest-path native/Cargo.toml
+	cargo clippy --quiet --release --manifest-path native/Cargo.toml -- -D warnings
 
 test: lint
 	$(BIN)/pytest

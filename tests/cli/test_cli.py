@@ -174,8 +174,9 @@ def test_server_file_that_raises_while_imported(tmp_path):
         f"calloutkit: error: cannot import {tmp_path / 'server.py'}: KeyError: 'port'")
 
 
+@pytest.mark.parametrize("transport", ["grpcio", "native"])
 @pytest.mark.parametrize("listening", [False, True], ids=["bound", "listening"])
-def test_busy_port_is_one_line_exit_2(listening):
+def test_busy_port_is_one_line_exit_2(listening, transport):
     """Without gRPC core's own log line (``E... add_port.cc ...``) before ours."""
     with socket.socket() as busy:
         if listening:  # as another server holds it
@@ -185,7 +186,8 @@ def test_busy_port_is_one_line_exit_2(listening):
             busy.listen()
         port = busy.getsockname()[1]
         result = run_cli("serve", "tests/servers/slow_server.py", "--plaintext_address",
-                         f"127.0.0.1:{port}", "--disable_tls", "--combined_health_check")
+                         f"127.0.0.1:{port}", "--disable_tls", "--combined_health_check",
+                         "--transport", transport)
     assert result.returncode == 2
     assert "add_port" not in result.stderr
     assert result.stderr.strip().splitlines() == [

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -66,9 +67,9 @@ class Callout(CalloutServer):
         return add_trailer_mutation(add=[("x-resp-trailer-added", "t2")])
 
 
-@pytest.fixture
-async def callout() -> AsyncIterator[Callout]:
-    server = Callout(**LOOPBACK)
+@pytest.fixture(params=["grpcio", "native"])
+async def callout(request: pytest.FixtureRequest) -> AsyncIterator[Callout]:
+    server = Callout(**LOOPBACK, transport=request.param)
     await server.start()
     yield server
     await server.stop(1)
@@ -196,10 +197,11 @@ async def test_observability_mode_replies_are_ignored_and_change_nothing(callout
     assert callout.seen == ["request_headers", "response_headers"]
 
 
-async def test_envoy_over_tls_to_the_callout(certs: Certs, upstream):
+@pytest.mark.parametrize("transport", ["grpcio", "native"])
+async def test_envoy_over_tls_to_the_callout(certs: Certs, upstream, transport):
     server = Callout(secure_address=("127.0.0.1", 0), disable_plaintext=True,
                      combined_health_check=True, cert_chain_path=certs.cert_path,
-                     private_key_path=certs.key_path)
+                     private_key_path=certs.key_path, transport=transport)
     await server.start()
     try:
         assert server.plaintext_port is None and server.secure_port
@@ -210,6 +212,31 @@ async def test_envoy_over_tls_to_the_callout(certs: Certs, upstream):
         assert response.header("x-resp-added") == "yes"
     finally:
         await server.stop(1)
+
+
+def envoy_stats(envoy: Envoy, prefix: str) -> dict[str, int]:
+    with urllib.request.urlopen(f"{envoy.admin_url}/stats?filter=^{prefix}", timeout=10) as reply:
+        lines = reply.read().decode().splitlines()
+    return {name: int(value) for name, _, value in (line.partition(": ") for line in lines)
+            if value.isdigit()}
+
+
+async def test_two_thousand_requests_on_one_connection_without_an_error(callout, envoy_for):
+    # Envoy resets every ext_proc stream once its HTTP request is done: the normal end of a
+    # stream, which must never make the server refuse or close the connection.
+    envoy = envoy_for(callout)
+
+    def run() -> list[tuple[int, str | None]]:
+        return [(r.status, r.header("x-resp-added")) for r in (
+            http_request(envoy.url + f"/n/{n}") for n in range(2000))]
+
+    results = await asyncio.to_thread(run)
+    assert results == [(200, "yes")] * 2000
+    stats = envoy_stats(envoy, "cluster.callout.upstream_")
+    assert stats["cluster.callout.upstream_cx_total"] == 1
+    assert stats["cluster.callout.upstream_rq_total"] == 2000
+    assert stats["cluster.callout.upstream_cx_protocol_error"] == 0
+    assert stats.get("cluster.callout.upstream_cx_destroy_remote", 0) == 0
 
 
 def processes_using(folder: str) -> list[int]:

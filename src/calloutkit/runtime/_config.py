@@ -89,8 +89,10 @@ SERVER_OPTIONS: tuple[tuple[str, str, str], ...] = (
     ("reflection", "bool", "serve gRPC reflection"),
     ("workers", "int", "worker processes sharing the ports (Linux; needs fixed ports)"),
     ("event_loop", "str", "event loop of run(): auto (uvloop when installed), uvloop, asyncio"),
+    ("transport", "str", "gRPC transport: grpcio (default) or native (compiled, faster)"),
 )
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
+TRANSPORTS = ("grpcio", "native")
 PATH_DEFAULTS = {"cert_chain_path": DEFAULT_CERT_CHAIN_PATH,
                  "private_key_path": DEFAULT_PRIVATE_KEY_PATH}
 _TRUE = {"1", "true", "yes", "on"}
@@ -257,6 +259,7 @@ class ServerConfig:
     client_ca_path: str | None = None
     drain_delay: float = 0.0
     callback_timeout: float | None = DEFAULT_CALLBACK_TIMEOUT  # None: no limit
+    transport: str = "grpcio"
 
     @classmethod
     def build(
@@ -290,6 +293,7 @@ class ServerConfig:
         require_client_auth: bool | None = None,
         drain_delay: float | None = None,
         callback_timeout: float | None = None,
+        transport: str | None = None,
     ) -> ServerConfig:
         """Resolve the documented constructor options into a validated config."""
         ip = default_ip or DEFAULT_IP
@@ -375,6 +379,9 @@ class ServerConfig:
                               f"got {callback_timeout}")
         if max_message_size < 1024:
             raise ConfigError(f"max_message_size must be >= 1024 bytes, got {max_message_size}")
+        transport = _transport(transport)
+        if transport == "native":
+            _native_supports(secure, plain, client_ca, stream_idle_timeout)
         return cls(secure, plain, health, secure_health_check, chain, key, server_thread_count,
                    float(grace_period), int(max_message_size), bool(reflection), workers,
                    _event_loop(event_loop),
@@ -382,7 +389,8 @@ class ServerConfig:
                    client_ca, bool(require_client_auth),
                    cert_chain_path if chain is not None and cert_chain is None else None,
                    private_key_path if key is not None and private_key is None else None,
-                   client_ca_path, float(drain_delay), float(callback_timeout) or None)
+                   client_ca_path, float(drain_delay), float(callback_timeout) or None,
+                   transport)
 
 
 def _event_loop(choice: str | None) -> str:
@@ -396,6 +404,31 @@ def _event_loop(choice: str | None) -> str:
         raise ConfigError("event_loop=uvloop but uvloop is not installed: "
                           "pip install 'calloutkit[fast]'")
     return "uvloop" if installed else "asyncio"
+
+
+def _transport(choice: str | None) -> str:
+    choice = "grpcio" if choice is None else str(choice).lower()
+    if choice not in TRANSPORTS:
+        raise ConfigError(f"transport must be one of {', '.join(TRANSPORTS)}, got {choice!r}")
+    if choice == "native" and importlib.util.find_spec("calloutkit._native") is None:
+        raise ConfigError("transport=native but calloutkit._native is not built: reinstall "
+                          "calloutkit from a wheel, or from source with a Rust toolchain")
+    return choice
+
+
+def _native_supports(secure: Address | None, plain: Address | None, client_ca: bytes | None,
+                     stream_idle_timeout: float | None) -> None:
+    """Refuse, at construction, the options the native transport does not serve yet."""
+    missing = []
+    if any(a is not None and is_unix(a) for a in (secure, plain)):
+        missing.append("unix socket listeners")
+    if client_ca is not None:
+        missing.append("client certificates (client_ca_path)")
+    if stream_idle_timeout:
+        missing.append("stream_idle_timeout")
+    if missing:
+        raise ConfigError(f"transport=native does not support {', '.join(missing)} yet; "
+                          "use transport=grpcio")
 
 
 def _listener(address: Any, port: int | None, ip: str, default_port: int,

@@ -14,6 +14,10 @@ left.
 
 Health is NOT_SERVING also while every thread of the callback pool is stuck in a ``def``
 callback past ``callback_timeout`` (see `CallbackPool`), and SERVING again when one returns.
+
+Two transports serve the same method table: grpc.aio (``transport="grpcio"``, the default) and
+the compiled one in `calloutkit._native` (``transport="native"``; its Python side is
+`._native`), which also sends GOAWAY on every open connection when the refusing begins.
 """
 
 from __future__ import annotations
@@ -28,13 +32,18 @@ import socket
 import ssl
 import stat
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from types import CoroutineType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+if TYPE_CHECKING:
+    from calloutkit._native import Server
+
+from . import _native
 from ._config import (
     UNIX_PREFIX,
     UNSET,
@@ -56,6 +65,9 @@ logger = logging.getLogger(__name__)
 C = TypeVar("C")
 
 _CONNECTION_AGE_MS = 30_000
+# SETTINGS_MAX_CONCURRENT_STREAMS of the native transport's connections (grpc.aio sets none).
+_NATIVE_MAX_STREAMS = 1024
+_HEALTH_CHECK = f"/{health.SERVICE_NAME}/Check"
 
 
 # What a server kind serves, per service name: its methods by name, or a catch-all handler.
@@ -228,6 +240,7 @@ class BaseServer(abc.ABC):
         require_client_auth: bool | Unset | None = UNSET,
         drain_delay: float | Unset | None = UNSET,
         callback_timeout: float | Unset | None = UNSET,
+        transport: str | Unset | None = UNSET,
         environ: Mapping[str, str] | None = None,
     ) -> None:
         options = merge_environment(dict(
@@ -241,7 +254,8 @@ class BaseServer(abc.ABC):
             max_message_size=max_message_size, reflection=reflection, workers=workers,
             event_loop=event_loop, stream_idle_timeout=stream_idle_timeout,
             client_ca_path=client_ca_path, require_client_auth=require_client_auth,
-            drain_delay=drain_delay, callback_timeout=callback_timeout),
+            drain_delay=drain_delay, callback_timeout=callback_timeout,
+            transport=transport),
             environ)
         if options.get("reflection") is None:
             options["reflection"] = self.default_reflection
@@ -252,6 +266,7 @@ class BaseServer(abc.ABC):
                                   timeout=self.config.callback_timeout,
                                   on_exhausted=self._pool_exhausted)
         self._grpc: grpc.aio.Server | None = None
+        self._native: Server | None = None  # with transport="native"
         self._health_servicer: health.aio.HealthServicer | None = None
         self._http_health: HttpHealthServer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -378,6 +393,10 @@ class BaseServer(abc.ABC):
     @property
     def active_streams(self) -> int:
         """Streams (or calls) in flight right now."""
+        if self._native is not None:
+            # The transport counts every call it serves, unary ones too (which also count
+            # themselves in here, on the loop): the larger is the truth.
+            return max(self._active_streams, int(self._native.active_streams))
         return self._active_streams
 
     def _enter_stream(self) -> bool:
@@ -501,17 +520,28 @@ class BaseServer(abc.ABC):
                 self._watches.discard(watch)
                 self._leave_stream()
 
+        # The native transport calls the same pair, per message, without the generator, and
+        # ends a stream waiting for its next message at the drain as this loop does.
+        stream.calloutkit_parts = (  # type: ignore[attr-defined]
+            new_context, answer, end_idle_on_drain)
         return stream
 
     # -- lifecycle -------------------------------------------------------------------------
 
+    @property
+    def _started(self) -> bool:
+        return self._grpc is not None or self._native is not None
+
     async def start(self) -> None:
         """Bind every listener and start serving; health turns SERVING once all are bound."""
-        if self._grpc is not None:
+        if self._started:
             raise RuntimeError("server already started")
         self._loop = asyncio.get_running_loop()
         self._idle = asyncio.Event()
         self._stopped = asyncio.Event()
+        if self.config.transport == "native":
+            await self._start_native()
+            return
         server = grpc.aio.server(options=self._grpc_options())
         handlers = list(self._handlers())
         names = [name for name, _ in handlers]
@@ -538,29 +568,111 @@ class BaseServer(abc.ABC):
                 self.secure_port = self._bind(server, cfg.secure_address, creds, "TLS")
             await server.start()
             self._grpc = server
-            if cfg.health_check_address is not None:
-                self._http_health = HttpHealthServer(self._healthy,
-                                                     reuse_port=cfg.workers > 1)
-                host, port = cfg.health_check_address
-                try:
-                    self.health_check_port = await self._http_health.start(
-                        host, port, self._health_tls() if cfg.secure_health_check else None)
-                except OSError as exc:
-                    raise ConfigError(
-                        f"cannot bind health check listener {format_address((host, port))}: "
-                        f"{exc.strerror or exc}") from None
+            await self._start_http_health()
         except BaseException:
             await server.stop(0)
             self._grpc = None
             raise
         self._health_names = ["", *names]
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self._started_serving()
+
+    def _started_serving(self) -> None:
         self._serving = True
         self._setup = True
-        logger.info("%s serving: %s (%s loop)", type(self).__name__,
-                    ", ".join(self._listening()), _loop_name(asyncio.get_running_loop()))
+        logger.info("%s serving: %s (%s loop%s)", type(self).__name__,
+                    ", ".join(self._listening()), _loop_name(asyncio.get_running_loop()),
+                    ", native transport" if self._native is not None else "")
         if self._shutdown_requested:
             self._begin_stop()
+
+    async def _start_http_health(self) -> None:
+        cfg = self.config
+        if cfg.health_check_address is None:
+            return
+        self._http_health = HttpHealthServer(self._healthy, reuse_port=cfg.workers > 1)
+        host, port = cfg.health_check_address
+        try:
+            self.health_check_port = await self._http_health.start(
+                host, port, self._health_tls() if cfg.secure_health_check else None)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot bind health check listener {format_address((host, port))}: "
+                f"{exc.strerror or exc}") from None
+
+    # -- the native transport ----------------------------------------------------------------
+
+    def _native_methods(self, loop: asyncio.AbstractEventLoop,
+                        ) -> dict[str, tuple[bool, Any, bool]]:
+        """The method table for the native transport, from the same `_handlers()`."""
+        methods: dict[str, tuple[bool, Any, bool]] = {
+            _HEALTH_CHECK: (False, _native.unary_handler(self._native_health, None, loop),
+                            False)}
+        for service, handlers in self._handlers():
+            if isinstance(handlers, grpc.GenericRpcHandler):
+                raise ConfigError(f"{type(self).__name__} serves methods the native transport "
+                                  "cannot (a catch-all handler): use transport='grpcio'")
+            for name, handler in handlers.items():
+                path = f"/{service}/{name}"
+                parts = getattr(handler.stream_stream, "calloutkit_parts", None)
+                if parts is not None:
+                    new_context, answer, end_idle_on_drain = parts
+                    methods[path] = (True, _native.stream_opener(
+                        new_context, answer, handler.request_deserializer,
+                        lambda: self._draining, loop), end_idle_on_drain)
+                elif (handler.unary_unary is not None and handler.response_serializer is None):
+                    methods[path] = (False, _native.unary_handler(
+                        handler.unary_unary, handler.request_deserializer, loop), False)
+                else:
+                    raise ConfigError(f"{type(self).__name__}: {path} is a kind of method the "
+                                      "native transport does not serve: use transport='grpcio'")
+        return methods
+
+    def _native_health(self, data: bytes, context: Any) -> bytes:
+        """grpc.health.v1 ``Check``, answered on the transport thread."""
+        service = health_pb2.HealthCheckRequest.FromString(data).service
+        if service not in self._health_names:
+            raise StreamAbort(grpc.StatusCode.NOT_FOUND, "unknown service")
+        status = (health_pb2.HealthCheckResponse.SERVING if self._healthy()
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        return bytes(health_pb2.HealthCheckResponse(status=status).SerializeToString())
+
+    async def _start_native(self) -> None:
+        from calloutkit._native import Server
+
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        methods = self._native_methods(loop)
+        self._health_names = ["", *(service for service, _ in self._handlers())]
+        server = Server(methods, cfg.max_message_size, _NATIVE_MAX_STREAMS)
+        reuse_port = cfg.workers > 1
+        try:
+            for address, tls, what in (
+                    (cfg.plaintext_address, False, "plaintext"),
+                    (cfg.secure_address, True, "TLS")):
+                if address is None:
+                    continue
+                try:
+                    port = server.listen(address[0], address[1], reuse_port,
+                                         cfg.cert_chain if tls else None,
+                                         cfg.private_key if tls else None)
+                except OSError as exc:
+                    raise ConfigError(f"cannot bind {what} listener {format_address(address)}: "
+                                      f"{exc.strerror or exc}") from None
+                except ValueError as exc:  # a certificate or key rustls cannot use
+                    raise ConfigError(f"TLS listener {format_address(address)}: {exc}") from None
+                if tls:
+                    self.secure_port = port
+                else:
+                    self.plaintext_port = port
+            server.start()
+            self._native = server
+            await self._start_http_health()
+        except BaseException:
+            server.stop()
+            self._native = None
+            raise
+        self._started_serving()
 
     def _bind(self, server: grpc.aio.Server, address: tuple[str, int],
               creds: grpc.ServerCredentials | None, what: str) -> int:
@@ -586,6 +698,10 @@ class BaseServer(abc.ABC):
         streams, carry on. Unreadable or mismatched files are logged and the current
         certificate stays. Returns True when the new files are in use.
         """
+        if self._native is not None:
+            logger.warning("certificates not reloaded: the native transport keeps the ones it "
+                           "started with until it restarts")
+            return False
         return self._tls is not None and self._tls.reload()
 
     def _listening(self) -> list[str]:
@@ -603,7 +719,7 @@ class BaseServer(abc.ABC):
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain and stop. Streams in flight get ``grace`` seconds (default: the config's)."""
-        if self._grpc is None or self._stopped is None:
+        if not self._started or self._stopped is None:
             return
         if self._stop_task is None:
             self._stop_task = asyncio.ensure_future(self._drain(
@@ -611,7 +727,7 @@ class BaseServer(abc.ABC):
         await asyncio.shield(self._stop_task)
 
     async def _drain(self, grace: float) -> None:
-        assert self._grpc is not None and self._stopped is not None and self._idle is not None
+        assert self._started and self._stopped is not None and self._idle is not None
         self._stopping = True
         if self._health_servicer is not None:
             await self._health_servicer.enter_graceful_shutdown()
@@ -623,17 +739,26 @@ class BaseServer(abc.ABC):
                         "(drain_delay)", delay)
             await asyncio.sleep(delay)
         self._draining = True
-        logger.info("draining: %d stream(s) in flight, grace %.1fs", self._active_streams, grace)
+        logger.info("draining: %d stream(s) in flight, grace %.1fs", self.active_streams, grace)
         # A stream waiting for its next message (Envoy waits on the upstream meanwhile) could
         # hold the drain for the whole grace period; only streams mid-callback get the grace.
         for watch in list(self._watches):
             watch.end(grpc.StatusCode.UNAVAILABLE, "server is draining")
-        if self._active_streams > 0:
+        if self._native is not None:
+            self._native.drain()
+            # The transport counts its streams on its own thread: poll it.
+            deadline = time.monotonic() + grace
+            while self.active_streams and time.monotonic() < deadline:
+                await asyncio.sleep(min(0.02, max(0.0, deadline - time.monotonic())))
+        elif self._active_streams > 0:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), timeout=grace)
-        if self._active_streams:
-            logger.warning("grace period over: cancelling %d stream(s)", self._active_streams)
-        await self._grpc.stop(0)
+        if self.active_streams:
+            logger.warning("grace period over: cancelling %d stream(s)", self.active_streams)
+        if self._native is not None:
+            self._native.stop()
+        if self._grpc is not None:
+            await self._grpc.stop(0)
         if self._http_health is not None:
             await self._http_health.stop()
         self._pool.shutdown()
@@ -659,7 +784,7 @@ class BaseServer(abc.ABC):
             loop.call_soon_threadsafe(self._begin_stop)
 
     def _begin_stop(self) -> None:
-        if self._grpc is not None and self._stop_task is None:
+        if self._started and self._stop_task is None:
             self._stop_task = asyncio.ensure_future(self._drain(self.config.grace_period))
 
     def run(self) -> None:
