@@ -95,6 +95,20 @@ async def test_replies_are_byte_identical_on_both_transports() -> None:
     assert first.request_headers.response.header_mutation.set_headers[0].header.key == "x-path"
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_malformed_bytes_end_the_stream_alike_on_both_transports(transport) -> None:
+    async with running(Mutator(**LOOPBACK, transport=transport)) as server:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.plaintext_port}") as channel:
+            call = channel.unary_stream(METHOD)(b"\xff\xff\xff garbage")
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await call.read()
+            assert (info.value.code(), info.value.details()) == (
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "malformed request: expected envoy.service.ext_proc.v3.ProcessingRequest")
+        # and the next stream is served as ever
+        assert len(await raw_replies(server.plaintext_port, recorded_stream())) == 5
+
+
 class Echo(CalloutServer):
     """Echoes request metadata back as initial and trailing metadata."""
 

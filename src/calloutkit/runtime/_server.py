@@ -520,10 +520,18 @@ class BaseServer(abc.ABC):
                 self._watches.discard(watch)
                 self._leave_stream()
 
-        # The native transport calls the same pair, per message, without the generator, and
-        # ends a stream waiting for its next message at the drain as this loop does.
+        def parse_checked(data: bytes) -> Any:
+            try:
+                return parse(data)
+            except Exception as exc:
+                raise malformed(f"Process: malformed request, expected {full_name} "
+                                f"({describe(exc)})") from None
+
+        # The native transport calls the same pair, per message, without the generator (and
+        # parses with the same answer to malformed bytes), and ends a stream waiting for its
+        # next message at the drain as this loop does.
         stream.calloutkit_parts = (  # type: ignore[attr-defined]
-            new_context, answer, end_idle_on_drain)
+            new_context, answer, parse_checked, end_idle_on_drain)
         return stream
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -616,10 +624,10 @@ class BaseServer(abc.ABC):
                 path = f"/{service}/{name}"
                 parts = getattr(handler.stream_stream, "calloutkit_parts", None)
                 if parts is not None:
-                    new_context, answer, end_idle_on_drain = parts
+                    new_context, answer, parse, end_idle_on_drain = parts
                     methods[path] = (True, _native.stream_opener(
-                        new_context, answer, handler.request_deserializer,
-                        lambda: self._draining, loop), end_idle_on_drain)
+                        new_context, answer, parse, lambda: self._draining, loop),
+                        end_idle_on_drain)
                 elif (handler.unary_unary is not None and handler.response_serializer is None):
                     methods[path] = (False, _native.unary_handler(
                         handler.unary_unary, handler.request_deserializer, loop), False)
