@@ -15,7 +15,8 @@ def test_all_is_sorted_and_complete():
     # Exactly these: a name added or lost by accident fails here.
     assert set(calloutkit.__all__) == {
         "AuthzContext", "AuthzRequest", "AuthzServer", "allow_request", "deny_request",
-        "BaseServer", "CalloutContext", "CalloutError", "CalloutKitError", "CalloutServer",
+        "BaseServer", "CallInfo", "CalloutContext", "CalloutError", "CalloutKitError",
+        "CalloutServer",
         "ConfigError", "ErrorPolicy", "NetworkCalloutServer", "NetworkContext", "PeerIdentity",
         "ProcessingResult", "ServerConfig", "TargetError", "add_body_mutation",
         "add_command_line_args", "add_dynamic_metadata", "add_header_mutation",

@@ -98,6 +98,8 @@ class AuthzServer(BaseServer):
             Server().run()
     """
 
+    protocol = "ext_authz"
+
     #: Hand ``on_check`` the `CheckRequest` itself rather than an `AuthzRequest` (the
     #: documented callout API's ``CalloutServerAuth`` does).
     pass_raw_request: bool = False

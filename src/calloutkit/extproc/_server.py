@@ -110,6 +110,8 @@ class CalloutServer(BaseServer):
             Server().run()
     """
 
+    protocol = "ext_proc"
+
     def __init__(self, *args: Any, error_policy: ErrorPolicy | str = ErrorPolicy.FAIL_CLOSED,
                  **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

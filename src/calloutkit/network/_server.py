@@ -191,6 +191,8 @@ class NetworkCalloutServer(BaseServer):
             Upper().run()
     """
 
+    protocol = "network_ext_proc"
+
     def __init__(self, *args: Any, error_policy: ErrorPolicy | str = ErrorPolicy.FAIL_CLOSED,
                  **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

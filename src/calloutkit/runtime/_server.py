@@ -49,6 +49,7 @@ from ._health import HttpHealthServer
 from ._idle import StreamWatch
 from ._invoke import CallbackPool, Invoker
 from ._malformed import MalformedInput, describe, parse_requests
+from ._middleware import Describe, Middleware, chain, check_middleware, describer
 from ._tls import ServerTls
 
 logger = logging.getLogger(__name__)
@@ -196,6 +197,8 @@ class BaseServer(abc.ABC):
 
     #: Whether reflection is on when the caller does not say.
     default_reflection: bool = False
+    #: The protocol's name in a middleware's `CallInfo` and in metric labels.
+    protocol: str = "grpc"
 
     def __init__(
         self,
@@ -228,6 +231,7 @@ class BaseServer(abc.ABC):
         require_client_auth: bool | Unset | None = UNSET,
         drain_delay: float | Unset | None = UNSET,
         callback_timeout: float | Unset | None = UNSET,
+        middleware: Sequence[Middleware] | None = None,
         environ: Mapping[str, str] | None = None,
     ) -> None:
         options = merge_environment(dict(
@@ -251,6 +255,8 @@ class BaseServer(abc.ABC):
         self._pool = CallbackPool(self.config.thread_count,
                                   timeout=self.config.callback_timeout,
                                   on_exhausted=self._pool_exhausted)
+        # Read by `invoker`, i.e. by the server kinds' constructors once this one returns.
+        self._middleware: tuple[Middleware, ...] = check_middleware(middleware)
         self._grpc: grpc.aio.Server | None = None
         self._health_servicer: health.aio.HealthServicer | None = None
         self._http_health: HttpHealthServer | None = None
@@ -334,8 +340,19 @@ class BaseServer(abc.ABC):
                          int(self.config.grace_period * 1000))]
         return options
 
-    def invoker(self, func: Callable[..., Any]) -> Invoker:
-        """Wrap a user callback so it is awaited, run inline, or run in the thread pool."""
+    def invoker(self, func: Callable[..., Any], phase: str | None = None, *,
+                describe: Describe | None = None) -> Invoker:
+        """Wrap a user callback so it is awaited, run inline, or run in the thread pool.
+
+        With ``middleware`` the callback is wrapped in it first; ``phase`` (default: the
+        callback's name without ``on_``) or ``describe`` say what its `CallInfo` holds.
+        Without middleware the callback is called exactly as it would be without the option.
+        """
+        if self._middleware:
+            if describe is None:
+                name = getattr(func, "__name__", "callback")
+                describe = describer(self.protocol, phase or name.removeprefix("on_"), name)
+            func = chain(self._pool, func, self._middleware, describe)
         return Invoker(self._pool, func)
 
     def _overridden(self, name: str, base: type) -> Invoker | None:
