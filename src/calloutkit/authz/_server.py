@@ -152,6 +152,8 @@ class AuthzServer(BaseServer):
             raise self._malformed("Check: the request is not an "
                                   f"envoy.service.auth.v3.CheckRequest ({describe(exc)})"
                                   ) from None
+        if self._metrics is not None:
+            self._metrics.message("check")
         if self._on_check is None:
             return _ALLOW
         view = AuthzRequest(request)

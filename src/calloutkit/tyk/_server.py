@@ -239,6 +239,9 @@ class TykPluginServer(BaseServer):
         if _logging.enabled:  # log records name the gateway's request (runtime._logging)
             _logging.begin_stream(next((value for name, value in obj.request.headers.items()
                                         if _is_request_id(name)), None))
+        if self._metrics is not None:
+            self._metrics.message(Hook(obj.hook_type).name.lower()
+                                  if obj.hook_type in _HOOK_VALUES else "unknown")
         label = _label(obj)
         key = (str(obj.hook_type), str(obj.hook_name))
         if obj.hook_type not in _HOOK_VALUES:
@@ -331,6 +334,8 @@ class TykPluginServer(BaseServer):
         except Exception as exc:
             return self._bad_event(f"DispatchEvent: event payload does not decode "
                                    f"({describe(exc)}): {_preview(payload)!r}")
+        if self._metrics is not None:
+            self._metrics.message("event")
         handlers = [(h, invoker) for h, invoker in self._event_handlers if h.matches(event)]
         if not handlers:
             self._warn_once(("event", event.type, event.handler_name),
