@@ -15,9 +15,10 @@ def test_all_is_sorted_and_complete():
     # Exactly these: a name added or lost by accident fails here.
     assert set(calloutkit.__all__) == {
         "AuthzContext", "AuthzRequest", "AuthzServer", "allow_request", "deny_request",
-        "BaseServer", "CalloutContext", "CalloutError", "CalloutKitError", "CalloutServer",
-        "ConfigError", "ErrorPolicy", "Headers", "NetworkCalloutServer", "NetworkContext",
-        "PeerIdentity", "ProcessingResult", "ServerConfig", "TargetError", "add_body_mutation",
+        "BaseServer", "CallInfo", "CalloutContext", "CalloutError", "CalloutKitError",
+        "CalloutServer", "ConfigError", "ErrorPolicy", "Headers", "NetworkCalloutServer",
+        "NetworkContext", "PeerIdentity", "ProcessingResult", "ServerConfig", "TargetError",
+        "add_body_mutation",
         "add_command_line_args", "add_dynamic_metadata", "add_header_mutation",
         "add_trailer_mutation", "body_contains", "build_dynamic_forwarding_metadata",
         "deny_callout", "get_header", "header_dict", "header_immediate_response",

@@ -41,6 +41,7 @@ from .runtime._config import ServerConfig, parse_address
 from .runtime._errors import CalloutError, CalloutKitError, ConfigError, ErrorPolicy, TargetError
 from .runtime._invoke import nonblocking
 from .runtime._logging import logging_context
+from .runtime._middleware import CallInfo
 from .runtime._server import BaseServer
 from .runtime._tls import PeerIdentity
 
@@ -51,6 +52,7 @@ __all__ = [
     "AuthzRequest",
     "AuthzServer",
     "BaseServer",
+    "CallInfo",
     "CalloutContext",
     "CalloutError",
     "CalloutKitError",

@@ -98,6 +98,8 @@ class AuthzServer(BaseServer):
             Server().run()
     """
 
+    protocol = "ext_authz"
+
     #: Hand ``on_check`` the `CheckRequest` itself rather than an `AuthzRequest` (the
     #: documented callout API's ``CalloutServerAuth`` does).
     pass_raw_request: bool = False
@@ -139,6 +141,8 @@ class AuthzServer(BaseServer):
             raise self._malformed("Check: the request is not an "
                                   f"envoy.service.auth.v3.CheckRequest ({describe(exc)})"
                                   ) from None
+        if self._server_metrics is not None:
+            self._server_metrics.message("check")
         if self._on_check is None:
             return _ALLOW
         view = AuthzRequest(request)

@@ -49,7 +49,7 @@ def _addr(value: str) -> tuple[str, int] | None:
 
 
 # Flags whose default is the server's to choose (None), so they take a --no- form too.
-OPTIONAL_BOOLS = frozenset({"reflection", "require_client_auth"})
+OPTIONAL_BOOLS = frozenset({"reflection", "require_client_auth", "metrics"})
 
 _TYPES: dict[str, Callable[[str], Any]] = {"address": _address, "int": int, "float": float,
                                            "str": str, "path": str}

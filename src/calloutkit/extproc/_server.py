@@ -16,7 +16,7 @@ import logging
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from types import CoroutineType
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -29,6 +29,9 @@ from ..runtime._invoke import Invoker
 from ..runtime._malformed import RateLimitedLog
 from ..runtime._server import BaseServer, Handlers
 from ._context import CalloutContext
+
+if TYPE_CHECKING:
+    from ..runtime._metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +75,28 @@ _SMALL_LENGTH = [bytes((n,)) for n in range(0x80)]
 _NO_PHASE_REPLY = b""  # an empty ProcessingResponse, on the wire
 
 
+def _metered(answer: Callable[..., Any], metrics: ServerMetrics) -> Callable[..., Any]:
+    """``answer``, counting each message by phase and each immediate response by status."""
+    message, immediate = metrics.message, metrics.immediate_response
+
+    def count(reply: Any) -> Any:
+        if reply.__class__ is pb.ProcessingResponse and reply.HasField("immediate_response"):
+            immediate(reply.immediate_response.status.code)
+        return reply
+
+    async def finish(pending: Awaitable[Any]) -> Any:
+        return count(await pending)
+
+    def metered(request: pb.ProcessingRequest, context: CalloutContext) -> Any:
+        message(request.WhichOneof("request") or "none")
+        reply = answer(request, context)
+        if reply.__class__ is CoroutineType:
+            return finish(reply)
+        return count(reply)
+
+    return metered
+
+
 def _frame(tag: bytes, message: Any) -> bytes:
     data: bytes = message.SerializeToString()
     size = len(data)
@@ -109,6 +134,8 @@ class CalloutServer(BaseServer):
         if __name__ == "__main__":
             Server().run()
     """
+
+    protocol = "ext_proc"
 
     def __init__(self, *args: Any, error_policy: ErrorPolicy | str = ErrorPolicy.FAIL_CLOSED,
                  **kwargs: Any) -> None:
@@ -228,6 +255,8 @@ class CalloutServer(BaseServer):
         new_context: Callable[[Any], CalloutContext] = (
             self._new_context if custom_state else CalloutContext)
         answer: Callable[..., Any] = self._answer
+        if self._server_metrics is not None:
+            answer = _metered(answer, self._server_metrics)
         if _logging.enabled:
             new_context, answer = _with_stream_log(new_context, answer)
         return self._stream_function(new_context, answer, pb.ProcessingRequest)

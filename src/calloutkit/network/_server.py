@@ -191,6 +191,8 @@ class NetworkCalloutServer(BaseServer):
             Upper().run()
     """
 
+    protocol = "network_ext_proc"
+
     def __init__(self, *args: Any, error_policy: ErrorPolicy | str = ErrorPolicy.FAIL_CLOSED,
                  **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -240,10 +242,17 @@ class NetworkCalloutServer(BaseServer):
     @functools.cached_property
     def _stream(self) -> Callable[[AsyncIterator[bytes], Any], AsyncIterator[bytes]]:
         new_context = self._new_context
+        answer: Callable[..., Any] = self._answer
+        if self._server_metrics is not None:
+            count = self._server_metrics.message
+
+            def answer(request: npb.ProcessingRequest, context: NetworkContext) -> Any:
+                count(_direction(request) or "none")
+                return self._answer(request, context)
         if _logging.enabled:  # log records name the connection's stream (runtime._logging)
             new_context = self._new_logged_context
         # A stream here is a whole TCP connection: a drain lets open connections go on.
-        return self._stream_function(new_context, self._answer, npb.ProcessingRequest,
+        return self._stream_function(new_context, answer, npb.ProcessingRequest,
                                      end_idle_on_drain=False)
 
     def _new_logged_context(self, grpc_context: Any) -> NetworkContext:

@@ -102,6 +102,8 @@ class ProxyServer(BaseServer):
                 return StreamParameters(Destination(self.channels.get("10.0.0.5:5555")))
     """
 
+    protocol = "proxy"
+
     def __init__(self, config: str | os.PathLike[str] | RoutingConfig | None = None, *,
                  director: Director | None = None, unary_methods: Iterable[str] | None = None,
                  mirror: MirrorPolicy | None = None, expose_errors: bool | None = None,

@@ -5,6 +5,8 @@
 - `_config`: every option, validated once into a frozen `ServerConfig`, from arguments or
   ``CALLOUTKIT_*`` variables.
 - `_invoke`: calling a user's callback, sync or async, inline or in the pool.
+- `_middleware`: `CallInfo` and the middleware chain around a callback. `_metrics`: the
+  Prometheus metrics (prometheus-client is imported there only).
 - `_health`: the HTTP health listener. `_workers`: ``--workers N`` processes.
 - `_errors`: the error hierarchy, `StreamAbort` and `ErrorPolicy`.
 - `_malformed`: the answer to a request that does not decode, and its rate-limited log line.

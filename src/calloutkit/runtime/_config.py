@@ -85,6 +85,10 @@ SERVER_OPTIONS: tuple[tuple[str, str, str], ...] = (
                              "health turns NOT_SERVING (default 0)"),
     ("callback_timeout", "float", "seconds a def callback may run before its stream gets the "
                                   "error policy's reply (default 10; 0: no limit)"),
+    ("metrics", "bool", "serve Prometheus metrics at /metrics (default: on when "
+                        "prometheus-client is installed and there is an HTTP listener)"),
+    ("metrics_address", "address",
+     "HTTP address of its own for /metrics (default: on the health listener)"),
     ("max_message_size", "int", "largest gRPC message accepted or sent, in bytes"),
     ("reflection", "bool", "serve gRPC reflection"),
     ("workers", "int", "worker processes sharing the ports (Linux; needs fixed ports)"),
@@ -260,6 +264,8 @@ class ServerConfig:
     drain_delay: float = 0.0
     callback_timeout: float | None = DEFAULT_CALLBACK_TIMEOUT  # None: no limit
     transport: str = "grpcio"
+    metrics: bool = False  # resolved: prometheus-client is there and /metrics has a listener
+    metrics_address: Address | None = None  # None: /metrics on the health listener
 
     @classmethod
     def build(
@@ -294,6 +300,8 @@ class ServerConfig:
         drain_delay: float | None = None,
         callback_timeout: float | None = None,
         transport: str | None = None,
+        metrics: bool | None = None,
+        metrics_address: Any = None,
     ) -> ServerConfig:
         """Resolve the documented constructor options into a validated config."""
         ip = default_ip or DEFAULT_IP
@@ -377,6 +385,7 @@ class ServerConfig:
         if not 0 <= callback_timeout < math.inf:
             raise ConfigError(f"callback_timeout must be >= 0 seconds (0: no limit), "
                               f"got {callback_timeout}")
+        metrics, metrics_at = _metrics(metrics, metrics_address, health, workers)
         if max_message_size < 1024:
             raise ConfigError(f"max_message_size must be >= 1024 bytes, got {max_message_size}")
         transport = _transport(transport)
@@ -390,7 +399,40 @@ class ServerConfig:
                    cert_chain_path if chain is not None and cert_chain is None else None,
                    private_key_path if key is not None and private_key is None else None,
                    client_ca_path, float(drain_delay), float(callback_timeout) or None,
-                   transport)
+                   transport, metrics, metrics_at)
+
+
+def _metrics(metrics: bool | None, address: Any, health: Address | None,
+             workers: int) -> tuple[bool, Address | None]:
+    """Whether /metrics is served, and where: an explicit ``metrics=True`` (or a
+    ``metrics_address``) that cannot be served is an error; left unset, metrics are on
+    whenever they can be."""
+    installed = importlib.util.find_spec("prometheus_client") is not None
+    at: Address | None = None
+    if address is not None:
+        if metrics is False:
+            raise ConfigError("metrics_address with metrics off: drop one of the two")
+        at = parse_address(address, "metrics_address")
+        if is_unix(at):
+            raise ConfigError("metrics_address: the metrics listener needs HOST:PORT, "
+                              "not a unix socket")
+        if workers > 1 and at[1] == 0:
+            raise ConfigError("workers > 1 needs fixed ports: with port 0 each worker would "
+                              "listen somewhere else")
+        metrics = True
+    if metrics is False:
+        return False, None
+    if not installed:
+        if metrics:
+            raise ConfigError("metrics need prometheus-client: pip install "
+                              "'calloutkit[metrics]'")
+        return False, None
+    if at is None and health is None:
+        if metrics:
+            raise ConfigError("metrics need an HTTP listener: set metrics_address, or drop "
+                              "combined_health_check")
+        return False, None
+    return True, at
 
 
 def _event_loop(choice: str | None) -> str:

@@ -115,6 +115,16 @@ class CallbackPool:
         return self._stuck
 
     @property
+    def busy(self) -> int:
+        """Threads running a call right now (stuck ones not included)."""
+        return sum(1 for thread in self._threads if thread.call is not None)
+
+    @property
+    def size(self) -> int:
+        """Threads the pool runs at most, stuck ones not counted."""
+        return self._size
+
+    @property
     def exhausted(self) -> bool:
         """True while every thread the pool may start is stuck: no callback can run."""
         return self._exhausted

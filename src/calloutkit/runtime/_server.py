@@ -58,7 +58,11 @@ from ._health import HttpHealthServer
 from ._idle import StreamWatch
 from ._invoke import CallbackPool, Invoker
 from ._malformed import MalformedInput, describe, parse_requests
+from ._middleware import Describe, Middleware, chain, check_middleware, describer
 from ._tls import ServerTls
+
+if TYPE_CHECKING:
+    from ._metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -197,6 +201,10 @@ class BaseServer(abc.ABC):
     (``environ`` replaces `os.environ`), so a deployment can move ports without touching code;
     an option passed explicitly wins over its variable, even as False, 0 or None.
 
+    ``middleware`` (constructor only) wraps every callback in functions of your own, and
+    ``metrics`` / ``metrics_address`` serve Prometheus metrics at ``/metrics``
+    (docs/observability.md).
+
     Example (embedding, e.g. in tests)::
 
         server = CalloutServer(plaintext_address=("127.0.0.1", 0), disable_tls=True,
@@ -208,6 +216,13 @@ class BaseServer(abc.ABC):
 
     #: Whether reflection is on when the caller does not say.
     default_reflection: bool = False
+    #: The protocol's name in a middleware's `CallInfo` and in metric labels.
+    protocol: str = "grpc"
+    # Set on the instance only when in use. A server's attributes share one key table while
+    # there are at most 30 of them (CPython 3.11); past that every ``self.x`` on the hot path
+    # is a slower lookup, measurably (8% per message in bench). It has 28.
+    _middleware: tuple[Middleware, ...] = ()
+    _server_metrics: ServerMetrics | None = None  # once started with metrics on
 
     def __init__(
         self,
@@ -241,6 +256,9 @@ class BaseServer(abc.ABC):
         drain_delay: float | Unset | None = UNSET,
         callback_timeout: float | Unset | None = UNSET,
         transport: str | Unset | None = UNSET,
+        middleware: Sequence[Middleware] | None = None,
+        metrics: bool | Unset | None = UNSET,
+        metrics_address: Any = UNSET,
         environ: Mapping[str, str] | None = None,
     ) -> None:
         options = merge_environment(dict(
@@ -255,7 +273,7 @@ class BaseServer(abc.ABC):
             event_loop=event_loop, stream_idle_timeout=stream_idle_timeout,
             client_ca_path=client_ca_path, require_client_auth=require_client_auth,
             drain_delay=drain_delay, callback_timeout=callback_timeout,
-            transport=transport),
+            transport=transport, metrics=metrics, metrics_address=metrics_address),
             environ)
         if options.get("reflection") is None:
             options["reflection"] = self.default_reflection
@@ -265,6 +283,14 @@ class BaseServer(abc.ABC):
         self._pool = CallbackPool(self.config.thread_count,
                                   timeout=self.config.callback_timeout,
                                   on_exhausted=self._pool_exhausted)
+        # Read by `invoker`, i.e. by the server kinds' constructors once this one returns.
+        # Metrics start with the server (in each worker, after the fork); their middleware,
+        # outermost, is in place from here since the server kinds build their invokers next.
+        wrappers = check_middleware(middleware)
+        if self.config.metrics:
+            wrappers = (self._metrics_middleware, *wrappers)
+        if wrappers:
+            self._middleware = wrappers
         self._grpc: grpc.aio.Server | None = None
         self._native: Server | None = None  # with transport="native"
         self._health_servicer: health.aio.HealthServicer | None = None
@@ -349,8 +375,19 @@ class BaseServer(abc.ABC):
                          int(self.config.grace_period * 1000))]
         return options
 
-    def invoker(self, func: Callable[..., Any]) -> Invoker:
-        """Wrap a user callback so it is awaited, run inline, or run in the thread pool."""
+    def invoker(self, func: Callable[..., Any], phase: str | None = None, *,
+                describe: Describe | None = None) -> Invoker:
+        """Wrap a user callback so it is awaited, run inline, or run in the thread pool.
+
+        With ``middleware`` the callback is wrapped in it first; ``phase`` (default: the
+        callback's name without ``on_``) or ``describe`` say what its `CallInfo` holds.
+        Without middleware the callback is called exactly as it would be without the option.
+        """
+        if self._middleware:
+            if describe is None:
+                name = getattr(func, "__name__", "callback")
+                describe = describer(self.protocol, phase or name.removeprefix("on_"), name)
+            func = chain(self._pool, func, self._middleware, describe)
         return Invoker(self._pool, func)
 
     def _overridden(self, name: str, base: type) -> Invoker | None:
@@ -551,6 +588,8 @@ class BaseServer(abc.ABC):
             await self._start_native()
             return
         server = grpc.aio.server(options=self._grpc_options())
+        if self.config.metrics:
+            self._start_metrics()  # before the handlers: they count what they see
         handlers = list(self._handlers())
         names = [name for name, _ in handlers]
         table = _MethodTable()
@@ -578,6 +617,7 @@ class BaseServer(abc.ABC):
             self._grpc = server
             await self._start_http_health()
         except BaseException:
+            await self._stop_http()
             await server.stop(0)
             self._grpc = None
             raise
@@ -595,18 +635,31 @@ class BaseServer(abc.ABC):
             self._begin_stop()
 
     async def _start_http_health(self) -> None:
+        """The HTTP health listener, serving ``/metrics`` too unless metrics have their own."""
         cfg = self.config
-        if cfg.health_check_address is None:
-            return
-        self._http_health = HttpHealthServer(self._healthy, reuse_port=cfg.workers > 1)
-        host, port = cfg.health_check_address
-        try:
-            self.health_check_port = await self._http_health.start(
-                host, port, self._health_tls() if cfg.secure_health_check else None)
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot bind health check listener {format_address((host, port))}: "
-                f"{exc.strerror or exc}") from None
+        scrape = self._scrape if cfg.metrics else None
+        if cfg.health_check_address is not None:
+            self._http_health = HttpHealthServer(
+                self._healthy, reuse_port=cfg.workers > 1,
+                metrics=scrape if cfg.metrics_address is None else None)
+            host, port = cfg.health_check_address
+            try:
+                self.health_check_port = await self._http_health.start(
+                    host, port, self._health_tls() if cfg.secure_health_check else None)
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot bind health check listener {format_address((host, port))}: "
+                    f"{exc.strerror or exc}") from None
+        if cfg.metrics_address is not None and self._server_metrics is not None:
+            listener = self._server_metrics.listener = HttpHealthServer(
+                None, reuse_port=cfg.workers > 1, metrics=scrape)
+            host, port = cfg.metrics_address
+            try:
+                self._server_metrics.port = await listener.start(host, port)
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot bind metrics listener {format_address((host, port))}: "
+                    f"{exc.strerror or exc}") from None
 
     # -- the native transport ----------------------------------------------------------------
 
@@ -695,6 +748,14 @@ class BaseServer(abc.ABC):
             raise ConfigError(f"cannot bind {what} listener {target}: address in use or invalid")
         return int(port)
 
+    async def _stop_http(self) -> None:
+        if self._http_health is not None:
+            await self._http_health.stop()
+        if self._server_metrics is not None:
+            if self._server_metrics.listener is not None:
+                await self._server_metrics.listener.stop()
+            self._server_metrics.close()
+
     def _health_tls(self) -> ssl.SSLContext:
         assert self._tls is not None
         return self._tls.health_context()
@@ -712,6 +773,50 @@ class BaseServer(abc.ABC):
             return False
         return self._tls is not None and self._tls.reload()
 
+    # -- metrics (docs/observability.md) ------------------------------------------------------
+
+    @property
+    def metrics_listener_port(self) -> int | None:
+        """The port of the ``metrics_address`` listener once started; None without one."""
+        return None if self._server_metrics is None else self._server_metrics.port
+
+    async def _metrics_middleware(self, call: Any, proceed: Callable[[], Any]) -> Any:
+        metrics = self._server_metrics
+        if metrics is None:  # not started: an in-process client, or plain code
+            return await proceed()
+        return await metrics.middleware(call, proceed)
+
+    def _start_metrics(self) -> None:
+        from ._metrics import ServerMetrics
+
+        policy = getattr(self, "error_policy", None)
+        metrics = ServerMetrics(self.protocol, getattr(policy, "value", None))
+        self._server_metrics = metrics
+        enter, leave = self._enter_stream, self._leave_stream
+
+        def enter_counted() -> bool:
+            if not enter():
+                return False
+            metrics.stream_started()
+            return True
+
+        def leave_counted() -> None:
+            metrics.stream_ended()
+            leave()
+
+        self._enter_stream = enter_counted  # type: ignore[method-assign]
+        self._leave_stream = leave_counted  # type: ignore[method-assign]
+        metrics.refresh_every_second(asyncio.get_running_loop(), self._metrics_state)
+
+    def _metrics_state(self) -> tuple[bool, int, int, int]:
+        pool = self._pool
+        return self._stopping, pool.busy, pool.stuck, pool.size
+
+    def _scrape(self) -> tuple[bytes, str]:
+        assert self._server_metrics is not None
+        self._server_metrics.refresh(*self._metrics_state())
+        return self._server_metrics.exposition()
+
     def _listening(self) -> list[str]:
         cfg, out = self.config, []
         if self.secure_port is not None and cfg.secure_address is not None:
@@ -723,6 +828,9 @@ class BaseServer(abc.ABC):
             scheme = "https" if cfg.secure_health_check else "http"
             host = cfg.health_check_address[0]
             out.append(f"health {scheme}://{format_address((host, self.health_check_port))}")
+        if self.metrics_listener_port is not None and cfg.metrics_address is not None:
+            address = format_address((cfg.metrics_address[0], self.metrics_listener_port))
+            out.append(f"metrics http://{address}/metrics")
         return out
 
     async def stop(self, grace: float | None = None) -> None:
@@ -767,8 +875,7 @@ class BaseServer(abc.ABC):
             self._native.stop()
         if self._grpc is not None:
             await self._grpc.stop(0)
-        if self._http_health is not None:
-            await self._http_health.stop()
+        await self._stop_http()
         self._pool.shutdown()
         self._serving = False
         logger.info("stopped")
@@ -808,7 +915,8 @@ class BaseServer(abc.ABC):
             from ._workers import supervise
 
             self._check_ports_unshared()
-            code = supervise(self.config.workers, self._run_loop)
+            code = supervise(self.config.workers, self._run_loop,
+                             metrics=self.config.metrics)
             if code:
                 raise SystemExit(code)
             return

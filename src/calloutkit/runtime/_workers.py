@@ -12,6 +12,11 @@ killer), the kernel sends each worker SIGTERM (Linux's parent-death signal) and 
 drains as on any SIGTERM. A worker also checks now and then that its parent is still the
 supervisor, in case the parent-death signal could not be set. Without both, a killed
 supervisor left its workers serving, and a new supervisor shared the port with them.
+
+With metrics on, every worker writes its values to files in ``PROMETHEUS_MULTIPROC_DIR`` and
+a scrape, whichever worker answers it, adds up all of them. The supervisor makes that folder
+(unless the variable is set already: then the folder is the user's) before the first fork and
+removes it when it exits; a dead worker's live gauges are dropped, its counters stay.
 """
 
 from __future__ import annotations
@@ -20,8 +25,10 @@ import contextlib
 import ctypes
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -36,12 +43,25 @@ _FAST_DEATHS_ALLOWED = 5
 # How often a worker checks that its supervisor is alive, should the parent-death signal fail.
 _PARENT_CHECK_SECONDS = 1.0
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+_MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # read by prometheus-client in each worker
 
 
-def supervise(workers: int, serve: Callable[[], None]) -> int:
+def supervise(workers: int, serve: Callable[[], None], *, metrics: bool = False) -> int:
     """Run ``serve`` in ``workers`` forked processes until a signal; return the exit code."""
     if not sys.platform.startswith("linux"):
         raise OSError("workers > 1 needs Linux (SO_REUSEPORT load balancing)")
+    made = None
+    if metrics and not os.environ.get(_MULTIPROC_ENV):
+        made = os.environ[_MULTIPROC_ENV] = tempfile.mkdtemp(prefix="calloutkit-metrics-")
+    try:
+        return _supervise(workers, serve, metrics)
+    finally:
+        if made is not None:
+            os.environ.pop(_MULTIPROC_ENV, None)
+            shutil.rmtree(made, ignore_errors=True)
+
+
+def _supervise(workers: int, serve: Callable[[], None], metrics: bool) -> int:
     children: dict[int, tuple[int, float]] = {}  # pid -> (worker index, start time)
     stopping = False
     fast_deaths = 0
@@ -100,6 +120,10 @@ def supervise(workers: int, serve: Callable[[], None]) -> int:
             if pid not in children:
                 continue
             index, started = children.pop(pid)
+            if metrics:
+                from ._metrics import mark_worker_dead
+
+                mark_worker_dead(pid)
             code = os.waitstatus_to_exitcode(status)
             if stopping:
                 exit_code = exit_code or (0 if code == 0 else 1)

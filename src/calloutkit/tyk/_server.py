@@ -39,6 +39,7 @@ from ..runtime._errors import (
 )
 from ..runtime._invoke import Invoker
 from ..runtime._malformed import MalformedInput, RateLimitedLog, describe
+from ..runtime._middleware import CallInfo, Describe
 from ..runtime._server import BaseServer, Handlers
 from ._call import PluginCall, PluginResponse, check_request_uri, check_status
 from ._events import EventHandler, GatewayEvent
@@ -137,6 +138,8 @@ class TykPluginServer(BaseServer):
             Server().run()
     """
 
+    protocol = "tyk"
+
     default_reflection = True
     #: The plugins every instance serves (`Plugin` entries).
     plugins: Sequence[Plugin] = ()
@@ -158,14 +161,16 @@ class TykPluginServer(BaseServer):
             if key in self._plugins:
                 where = f" for {hook.name}" if hook is not None else ""
                 raise ConfigError(f"plugins: {plugin.name!r}{where} is registered twice")
-            self._plugins[key] = (plugin, self.invoker(self._as_method(plugin.func)))
+            self._plugins[key] = (plugin, self.invoker(self._as_method(plugin.func),
+                                                       describe=_describe_plugin(plugin.name)))
         self._event_handlers: list[tuple[EventHandler, Invoker]] = []
         for handler in [*type(self).events, *events]:
             if not isinstance(handler, EventHandler):
                 raise ConfigError(f"events: expected EventHandler(...), got {handler!r}")
             if not callable(handler.func):
                 raise ConfigError(f"events: {handler.func!r} is not callable")
-            self._event_handlers.append((handler, self.invoker(self._as_method(handler.func))))
+            self._event_handlers.append((handler, self.invoker(
+                self._as_method(handler.func), "event")))
         self._warned: set[tuple[str, ...]] = set()
         self._malformed_object = MalformedInput(
             logger, "plugin server: the request is not a coprocess.Object")
@@ -218,6 +223,9 @@ class TykPluginServer(BaseServer):
         if _logging.enabled:  # log records name the gateway's request (runtime._logging)
             _logging.begin_stream(next((value for name, value in obj.request.headers.items()
                                         if _is_request_id(name)), None))
+        if self._server_metrics is not None:
+            self._server_metrics.message(Hook(obj.hook_type).name.lower()
+                                  if obj.hook_type in _HOOK_VALUES else "unknown")
         label = _label(obj)
         key = (str(obj.hook_type), str(obj.hook_name))
         if obj.hook_type not in _HOOK_VALUES:
@@ -310,6 +318,8 @@ class TykPluginServer(BaseServer):
         except Exception as exc:
             return self._bad_event(f"DispatchEvent: event payload does not decode "
                                    f"({describe(exc)}): {_preview(payload)!r}")
+        if self._server_metrics is not None:
+            self._server_metrics.message("event")
         handlers = [(h, invoker) for h, invoker in self._event_handlers if h.matches(event)]
         if not handlers:
             self._warn_once(("event", event.type, event.handler_name),
@@ -338,6 +348,14 @@ class TykPluginServer(BaseServer):
         if self.error_policy is ErrorPolicy.CONTINUE:
             return _EMPTY_REPLY
         raise StreamAbort(code, f"plugin server: {details}")
+
+
+def _describe_plugin(name: str) -> Describe:
+    def describe(args: tuple[Any, ...]) -> CallInfo:
+        call: PluginCall = args[0]
+        return CallInfo("tyk", call.hook.name.lower(), name, call.object, call, args)
+
+    return describe
 
 
 def _plaintext_unless_certificate(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
