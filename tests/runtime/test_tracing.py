@@ -17,8 +17,21 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from calloutkit import CalloutServer, header_immediate_response
-from calloutkit.testing import CalloutClient, Envoy, UpstreamServer, envoy_config, http_request
+from calloutkit import (
+    AuthzServer,
+    CalloutServer,
+    allow_request,
+    deny_request,
+    header_immediate_response,
+)
+from calloutkit.testing import (
+    AuthzClient,
+    CalloutClient,
+    Envoy,
+    UpstreamServer,
+    envoy_config,
+    http_request,
+)
 
 IN_PROCESS: dict[str, Any] = {"plaintext_address": ("127.0.0.1", 0), "disable_tls": True,
                               "combined_health_check": True}
@@ -188,3 +201,36 @@ async def test_a_span_in_the_clients_trace_through_envoy(
     for span in found.values():
         assert span.parent is not None and span.parent.is_remote
         assert span.parent.span_id == expected
+
+
+class KeyCheck(AuthzServer):
+    async def on_check(self, request: Any, context: Any) -> Any:
+        # A span the callback starts is a child of calloutkit's.
+        with trace.get_tracer("test").start_as_current_span("lookup"):
+            pass
+        return deny_request(401) if "x-api-key" not in request.headers else allow_request()
+
+
+async def test_ext_authz_check_spans_from_metadata_or_the_checked_headers(
+        spans: InMemorySpanExporter) -> None:
+    in_metadata, trace_a, span_a = traceparent()
+    in_headers, trace_b, span_b = traceparent()
+    server = KeyCheck(**IN_PROCESS, tracing=True)
+    reply = await AuthzClient(server, metadata=[("traceparent", in_metadata)]).check()
+    assert reply.denied_response.status.code == 401
+    reply = await AuthzClient(server).check(headers={"traceparent": in_headers,
+                                                     "x-api-key": "k"})
+    assert reply.HasField("ok_response")
+
+    by_trace = {trace_id: {s.name: s for s in of_trace(spans, trace_id)}
+                for trace_id in (trace_a, trace_b)}
+    denied, allowed = by_trace[trace_a]["ext_authz check"], by_trace[trace_b]["ext_authz check"]
+    assert denied.parent is not None and denied.parent.span_id == span_a
+    assert allowed.parent is not None and allowed.parent.span_id == span_b
+    assert (denied.attributes or {})["calloutkit.outcome"] == "denied"
+    assert (denied.attributes or {})["http.response.status_code"] == 401
+    assert (allowed.attributes or {})["calloutkit.outcome"] == "ok"
+    for found in by_trace.values():
+        lookup, check = found["lookup"], found["ext_authz check"]
+        assert lookup.parent is not None and check.context is not None
+        assert lookup.parent.span_id == check.context.span_id

@@ -15,7 +15,7 @@ imported only when tracing is on.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import propagate, trace
@@ -58,35 +58,36 @@ class _MappingGetter(Getter[Any]):
 _GETTER = _MappingGetter()
 
 
-def _parent(context: Any) -> Context | None:
+def _parent(call: CallInfo) -> Context | None:
     """The trace context the gateway sent with this call, or None when it sent none."""
-    carriers: list[Iterable[Any]] = []
     try:
-        metadata = context.invocation_metadata() if context is not None else None
+        metadata = call.context.invocation_metadata() if call.context is not None else None
     except Exception:  # a context without gRPC metadata (Tyk's PluginCall, a test's)
         metadata = None
     if metadata:
-        carriers.append(metadata)
-    headers = _request_headers(context)
+        found = propagate.extract(metadata, getter=_GETTER)
+        if trace.get_current_span(found).get_span_context().is_valid:
+            return found
+    headers = _request_headers(call)  # read only when the metadata had nothing
     if headers:
-        carriers.append(headers)
-    for carrier in carriers:
-        found = propagate.extract(carrier, getter=_GETTER)
+        found = propagate.extract(headers, getter=_GETTER)
         if trace.get_current_span(found).get_span_context().is_valid:
             return found
     return None
 
 
-def _request_headers(context: Any) -> Any:
-    """The HTTP request's headers where the context knows them (L7 and Tyk), else None."""
+def _request_headers(call: CallInfo) -> Mapping[str, Any] | None:
+    """The HTTP request's headers where the call knows them, else None: an L7 stream's
+    (from any phase on), a Tyk call's, an ext_authz check's."""
     try:
-        headers = getattr(context, "request_headers_map", None)  # L7: from any phase on
-        if headers is None:
-            request = getattr(context, "request", None)  # Tyk: the PluginCall's request
-            headers = getattr(request, "headers", None)
-    except Exception:
+        for headers in (getattr(call.context, "request_headers_map", None),
+                        getattr(getattr(call.context, "request", None), "headers", None),
+                        getattr(call.message, "headers", None)):
+            if isinstance(headers, Mapping):
+                return headers
+    except Exception:  # a headers accessor that cannot read what it was given
         return None
-    return headers if isinstance(headers, Mapping) else None
+    return None
 
 
 def _outcome(result: Any) -> tuple[str, int | None]:
@@ -116,7 +117,7 @@ def tracing_middleware(
         attributes = {"calloutkit.protocol": call.protocol, "calloutkit.phase": call.phase,
                       "calloutkit.callback": call.callback}
         with tracer.start_as_current_span(
-                f"{call.protocol} {call.phase}", context=_parent(call.context),
+                f"{call.protocol} {call.phase}", context=_parent(call),
                 kind=SpanKind.SERVER, attributes=attributes, record_exception=False,
                 set_status_on_exception=False) as span:
             try:
