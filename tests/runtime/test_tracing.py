@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import grpc
 import pytest
 from conftest import LOOPBACK, free_port, running
 from opentelemetry import trace
@@ -32,6 +33,8 @@ from calloutkit.testing import (
     envoy_config,
     http_request,
 )
+from calloutkit.tyk import Hook, Object, Plugin, PluginCall, TykPluginServer
+from calloutkit.tyk.testing import HttpRequest, request_object
 
 IN_PROCESS: dict[str, Any] = {"plaintext_address": ("127.0.0.1", 0), "disable_tls": True,
                               "combined_health_check": True}
@@ -234,3 +237,28 @@ async def test_ext_authz_check_spans_from_metadata_or_the_checked_headers(
         lookup, check = found["lookup"], found["ext_authz check"]
         assert lookup.parent is not None and check.context is not None
         assert lookup.parent.span_id == check.context.span_id
+
+
+def reject_anonymous(call: PluginCall) -> None:
+    if "Authorization" not in call.request.headers:
+        call.reject(401, "who are you?")
+
+
+async def test_tyk_spans_over_grpc_from_the_dispatched_requests_headers(
+        spans: InMemorySpanExporter) -> None:
+    parent, trace_id, span_id = traceparent()
+    server = TykPluginServer(plugins=[Plugin("check", reject_anonymous)], tracing=True,
+                             plaintext_address=("127.0.0.1", 0), combined_health_check=True)
+    async with running(server):
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.plaintext_port}") as channel:
+            dispatch = channel.unary_unary("/coprocess.Dispatcher/Dispatch")
+            # Tyk canonicalises header names: the gateway sends "Traceparent".
+            sent = request_object(Hook.PRE, "check", HttpRequest(
+                headers=[("Traceparent", parent)]), api_id="api-1", org_id="org")
+            reply = Object.FromString(await dispatch(sent.SerializeToString(), timeout=10))
+    assert reply.request.return_overrides.response_code == 401
+
+    [span] = of_trace(spans, trace_id)
+    assert span.name == "tyk pre"
+    assert span.parent is not None and span.parent.span_id == span_id
+    assert (span.attributes or {})["calloutkit.callback"] == "check"
