@@ -170,11 +170,13 @@ class Recording(Teapot):
 
 
 @pytest.mark.envoy
+@pytest.mark.parametrize("transport", ["grpcio", "native"])
 @pytest.mark.parametrize("envoy_traces", [True, False], ids=["envoy-traces", "envoy-does-not"])
 async def test_a_span_in_the_clients_trace_through_envoy(
-        spans: InMemorySpanExporter, upstream: UpstreamServer, envoy_traces: bool) -> None:
+        spans: InMemorySpanExporter, upstream: UpstreamServer, envoy_traces: bool,
+        transport: str) -> None:
     parent, trace_id, span_id = traceparent()
-    server = Recording(**LOOPBACK, tracing=True)
+    server = Recording(**LOOPBACK, tracing=True, transport=transport)
     async with running(server):
         port = server.plaintext_port or 0
         config = (tracing_envoy_config(port, upstream.port, free_port()) if envoy_traces
