@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -21,6 +22,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from calloutkit import (
     AuthzServer,
     CalloutServer,
+    ConfigError,
     allow_request,
     deny_request,
     header_immediate_response,
@@ -135,6 +137,17 @@ async def test_tracing_is_off_unless_asked_and_on_with_the_variable(
     # Only the second server, on through CALLOUTKIT_TRACING, made a span.
     assert [s.name for s in of_trace(spans, trace_id)] == ["ext_proc request_headers"]
     assert Teapot(**IN_PROCESS)._middleware == ()  # off: no wrapper at all
+
+
+def test_bad_tracing_settings_are_one_line_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ConfigError, match=r"^CALLOUTKIT_TRACING='maybe': expected true or"):
+        Teapot(**IN_PROCESS, environ={"CALLOUTKIT_TRACING": "maybe"})
+    # As without calloutkit[otel]: the module cannot be found.
+    monkeypatch.setitem(sys.modules, "opentelemetry.trace", None)
+    with pytest.raises(ConfigError, match=r"^tracing needs OpenTelemetry: pip install "
+                                          r"'calloutkit\[otel\]'$"):
+        Teapot(**IN_PROCESS, tracing=True)
+    Teapot(**IN_PROCESS)  # off, it needs nothing
 
 
 def tracing_envoy_config(callout_port: int, upstream_port: int,
