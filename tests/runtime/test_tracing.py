@@ -31,6 +31,7 @@ from calloutkit.testing import (
     AuthzClient,
     CalloutClient,
     Envoy,
+    StreamEnded,
     UpstreamServer,
     envoy_config,
     http_request,
@@ -80,6 +81,8 @@ class Teapot(CalloutServer):
             raise RuntimeError("boom")
         if "x-teapot" in asked:
             return header_immediate_response(418)
+        if "x-abort" in asked:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, "no entry")
         return None
 
 
@@ -137,6 +140,22 @@ async def test_tracing_is_off_unless_asked_and_on_with_the_variable(
     # Only the second server, on through CALLOUTKIT_TRACING, made a span.
     assert [s.name for s in of_trace(spans, trace_id)] == ["ext_proc request_headers"]
     assert Teapot(**IN_PROCESS)._middleware == ()  # off: no wrapper at all
+
+
+async def test_a_context_abort_is_recorded_as_such(spans: InMemorySpanExporter) -> None:
+    parent, trace_id, _ = traceparent()
+    client = CalloutClient(Teapot(**IN_PROCESS, tracing=True),
+                           metadata=[("traceparent", parent)])
+    with pytest.raises(StreamEnded) as ended:
+        async with client.stream() as stream:
+            await stream.request_headers({":path": "/", "x-abort": "1"})
+            await stream.response_headers({":status": "200"})
+    assert ended.value.code is grpc.StatusCode.PERMISSION_DENIED
+
+    [span] = [s for s in of_trace(spans, trace_id) if s.name == "ext_proc response_headers"]
+    assert (span.attributes or {})["calloutkit.outcome"] == "aborted"
+    assert (span.attributes or {})["rpc.grpc.status_code"] == 7
+    assert span.status.status_code is StatusCode.UNSET
 
 
 def test_bad_tracing_settings_are_one_line_errors(monkeypatch: pytest.MonkeyPatch) -> None:

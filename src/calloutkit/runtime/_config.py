@@ -89,8 +89,8 @@ SERVER_OPTIONS: tuple[tuple[str, str, str], ...] = (
                         "prometheus-client is installed and there is an HTTP listener)"),
     ("metrics_address", "address",
      "HTTP address of its own for /metrics (default: on the health listener)"),
-    ("tracing", "bool", "an OpenTelemetry span per callback call (needs calloutkit[otel]; "
-                        "OTEL_* variables configure the exporter)"),
+    ("tracing", "bool", "an OpenTelemetry span per callback call, to the global tracer "
+                        "provider (needs calloutkit[otel])"),
     ("max_message_size", "int", "largest gRPC message accepted or sent, in bytes"),
     ("reflection", "bool", "serve gRPC reflection"),
     ("workers", "int", "worker processes sharing the ports (Linux; needs fixed ports)"),

@@ -124,7 +124,7 @@ def tracing_middleware(
                 result = await proceed()
             except StreamAbort as abort:
                 # The callback's own choice to end the stream, not an error of it.
-                span.set_attribute("calloutkit.outcome", "abort")
+                span.set_attribute("calloutkit.outcome", "aborted")
                 span.set_attribute("rpc.grpc.status_code", abort.code.value[0])
                 raise
             except Exception as exc:
