@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 import pytest
 from conftest import LOOPBACK, free_port, running
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -34,6 +35,7 @@ from calloutkit.testing import (
     StreamEnded,
     UpstreamServer,
     envoy_config,
+    http_headers,
     http_request,
 )
 from calloutkit.tyk import Hook, Object, Plugin, PluginCall, TykPluginServer
@@ -156,6 +158,42 @@ async def test_a_context_abort_is_recorded_as_such(spans: InMemorySpanExporter) 
     assert (span.attributes or {})["calloutkit.outcome"] == "aborted"
     assert (span.attributes or {})["rpc.grpc.status_code"] == 7
     assert span.status.status_code is StatusCode.UNSET
+
+
+class Nested(CalloutServer):
+    """Spans of its own in both kinds of callback."""
+
+    async def on_request_headers(self, headers: Any, context: Any) -> Any:
+        with trace.get_tracer("test").start_as_current_span("async work"):
+            return None
+
+    def on_response_headers(self, headers: Any, context: Any) -> Any:
+        with trace.get_tracer("test").start_as_current_span("def work"):  # in a pool thread
+            return None
+
+
+async def test_spans_a_callback_starts_are_children_of_its_span(
+        spans: InMemorySpanExporter) -> None:
+    parent, trace_id, _ = traceparent()
+    server = Nested(**LOOPBACK, tracing=True)
+    async with running(server):
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.plaintext_port}") as channel:
+            process = channel.stream_stream(
+                "/envoy.service.ext_proc.v3.ExternalProcessor/Process",
+                request_serializer=pb.ProcessingRequest.SerializeToString,
+                response_deserializer=pb.ProcessingResponse.FromString)
+            sent = [pb.ProcessingRequest(request_headers=http_headers({":path": "/"})),
+                    pb.ProcessingRequest(response_headers=http_headers({":status": "200"}))]
+            replies = [r async for r in process(iter(sent), timeout=10,
+                                                metadata=[("traceparent", parent)])]
+    assert len(replies) == 2
+
+    found = {s.name: s for s in of_trace(spans, trace_id)}
+    for mine, callouts in (("async work", "ext_proc request_headers"),
+                           ("def work", "ext_proc response_headers")):
+        outer = found[callouts].context
+        assert outer is not None
+        assert found[mine].parent is not None and found[mine].parent.span_id == outer.span_id
 
 
 def test_bad_tracing_settings_are_one_line_errors(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -293,6 +293,7 @@ class BaseServer(abc.ABC):
             from ._tracing import tracing_middleware
 
             wrappers = (tracing_middleware(self._error_policy_name), *wrappers)
+            self._pool.carry_context = True
         if self.config.metrics:
             wrappers = (self._metrics_middleware, *wrappers)
         if wrappers:
