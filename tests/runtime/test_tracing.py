@@ -24,6 +24,8 @@ from calloutkit import (
     AuthzServer,
     CalloutServer,
     ConfigError,
+    NetworkCalloutServer,
+    ProcessingResult,
     allow_request,
     deny_request,
     header_immediate_response,
@@ -32,6 +34,7 @@ from calloutkit.testing import (
     AuthzClient,
     CalloutClient,
     Envoy,
+    NetworkCalloutClient,
     StreamEnded,
     UpstreamServer,
     envoy_config,
@@ -194,6 +197,25 @@ async def test_spans_a_callback_starts_are_children_of_its_span(
         outer = found[callouts].context
         assert outer is not None
         assert found[mine].parent is not None and found[mine].parent.span_id == outer.span_id
+
+
+class Upper(NetworkCalloutServer):
+    def on_read_data(self, data: bytes, end_of_stream: bool, context: Any) -> Any:
+        return ProcessingResult(data.upper(), True)
+
+
+async def test_l4_spans_per_direction_from_the_metadata(spans: InMemorySpanExporter) -> None:
+    parent, trace_id, span_id = traceparent()
+    client = NetworkCalloutClient(Upper(**IN_PROCESS, tracing=True),
+                                  metadata=[("traceparent", parent)])
+    async with client.stream() as connection:
+        reply = await connection.read(b"hello")
+        await connection.read(b"again")
+    assert reply.read_data.data == b"HELLO"
+
+    found = of_trace(spans, trace_id)
+    assert [s.name for s in found] == ["network_ext_proc read_data"] * 2
+    assert all(s.parent is not None and s.parent.span_id == span_id for s in found)
 
 
 def test_bad_tracing_settings_are_one_line_errors(monkeypatch: pytest.MonkeyPatch) -> None:
