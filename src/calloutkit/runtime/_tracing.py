@@ -3,9 +3,9 @@
 One span per callback call, named ``<protocol> <phase>`` (``ext_proc request_headers``,
 ``ext_authz check``, ``tyk pre``), built as a middleware. Its parent is the trace context the
 gateway sent: the gRPC metadata of the call (Envoy with tracing on puts its own span's
-``traceparent`` there), else the request's own headers (an L7 stream's request headers, a
-Tyk call's request), so a client's ``traceparent`` still links up when the gateway does not
-trace.
+``traceparent`` there), else the request's own headers (an L7 stream's request headers, an
+ext_authz check's, a Tyk call's), so a client's ``traceparent`` still links up when the
+gateway does not trace.
 
 calloutkit only asks the API for a tracer (`opentelemetry.trace.get_tracer`) and the global
 propagator; the tracer provider, exporter and sampler are the application's or
