@@ -40,7 +40,7 @@ test: lint
 LOCK := $(BIN)/uv pip compile --quiet --universal --python-version 3.11 --generate-hashes \
 	--custom-compile-command 'make lock'
 lock: $(STAMP)
-	$(LOCK) pyproject.toml requirements/tools.in --extra dev --extra examples --extra fast --extra metrics \
+	$(LOCK) pyproject.toml requirements/tools.in --extra dev --extra examples --extra fast --extra metrics --extra otel \
 		-o requirements/dev.lock
 	$(LOCK) requirements/bench.in -c requirements/dev.lock -o requirements/bench.lock
 

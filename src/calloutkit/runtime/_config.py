@@ -89,6 +89,8 @@ SERVER_OPTIONS: tuple[tuple[str, str, str], ...] = (
                         "prometheus-client is installed and there is an HTTP listener)"),
     ("metrics_address", "address",
      "HTTP address of its own for /metrics (default: on the health listener)"),
+    ("tracing", "bool", "an OpenTelemetry span per callback call, to the global tracer "
+                        "provider (needs calloutkit[otel])"),
     ("max_message_size", "int", "largest gRPC message accepted or sent, in bytes"),
     ("reflection", "bool", "serve gRPC reflection"),
     ("workers", "int", "worker processes sharing the ports (Linux; needs fixed ports)"),
@@ -266,6 +268,7 @@ class ServerConfig:
     transport: str = "grpcio"
     metrics: bool = False  # resolved: prometheus-client is there and /metrics has a listener
     metrics_address: Address | None = None  # None: /metrics on the health listener
+    tracing: bool = False
 
     @classmethod
     def build(
@@ -302,6 +305,7 @@ class ServerConfig:
         transport: str | None = None,
         metrics: bool | None = None,
         metrics_address: Any = None,
+        tracing: bool | None = None,
     ) -> ServerConfig:
         """Resolve the documented constructor options into a validated config."""
         ip = default_ip or DEFAULT_IP
@@ -386,6 +390,8 @@ class ServerConfig:
             raise ConfigError(f"callback_timeout must be >= 0 seconds (0: no limit), "
                               f"got {callback_timeout}")
         metrics, metrics_at = _metrics(metrics, metrics_address, health, workers)
+        if tracing and not _otel_installed():
+            raise ConfigError("tracing needs OpenTelemetry: pip install 'calloutkit[otel]'")
         if max_message_size < 1024:
             raise ConfigError(f"max_message_size must be >= 1024 bytes, got {max_message_size}")
         transport = _transport(transport)
@@ -399,7 +405,14 @@ class ServerConfig:
                    cert_chain_path if chain is not None and cert_chain is None else None,
                    private_key_path if key is not None and private_key is None else None,
                    client_ca_path, float(drain_delay), float(callback_timeout) or None,
-                   transport, metrics, metrics_at)
+                   transport, metrics, metrics_at, bool(tracing))
+
+
+def _otel_installed() -> bool:
+    try:
+        return importlib.util.find_spec("opentelemetry.trace") is not None
+    except ModuleNotFoundError:  # no opentelemetry namespace at all
+        return False
 
 
 def _metrics(metrics: bool | None, address: Any, health: Address | None,

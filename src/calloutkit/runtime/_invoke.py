@@ -85,6 +85,11 @@ class CallbackPool:
     there are calls in flight, so a call costs no timer of its own.
     """
 
+    #: Give every call a copy of the caller's context (contextvars), not only calls made
+    #: while a stream's log ids are set: tracing turns it on, so that the span a ``def``
+    #: callback runs in is the current one in its thread too.
+    carry_context = False
+
     def __init__(self, size: int, name: str = "calloutkit-callback", *,
                  timeout: float | None = None,
                  on_exhausted: Callable[[bool], None] | None = None) -> None:
@@ -143,8 +148,10 @@ class CallbackPool:
             self._grow()
         if self._watchdog is None and self._timeout is not None:
             self._watchdog = loop.call_later(self._tick, self._watch, loop)
-        # A stream's log ids follow its callback into the thread (runtime._logging).
-        context = contextvars.copy_context() if _logging.current.get() is not None else None
+        # A stream's log ids (runtime._logging), and its span, follow its callback into the
+        # thread.
+        context = (contextvars.copy_context()
+                   if self.carry_context or _logging.current.get() is not None else None)
         self._jobs.put((loop, future, func, args, context))
         return future
 

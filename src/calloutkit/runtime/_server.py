@@ -202,8 +202,8 @@ class BaseServer(abc.ABC):
     an option passed explicitly wins over its variable, even as False, 0 or None.
 
     ``middleware`` (constructor only) wraps every callback in functions of your own, and
-    ``metrics`` / ``metrics_address`` serve Prometheus metrics at ``/metrics``
-    (docs/observability.md).
+    ``metrics`` / ``metrics_address`` serve Prometheus metrics at ``/metrics``, and
+    ``tracing`` makes an OpenTelemetry span per callback call (docs/observability.md).
 
     Example (embedding, e.g. in tests)::
 
@@ -259,6 +259,7 @@ class BaseServer(abc.ABC):
         middleware: Sequence[Middleware] | None = None,
         metrics: bool | Unset | None = UNSET,
         metrics_address: Any = UNSET,
+        tracing: bool | Unset | None = UNSET,
         environ: Mapping[str, str] | None = None,
     ) -> None:
         options = merge_environment(dict(
@@ -273,7 +274,8 @@ class BaseServer(abc.ABC):
             event_loop=event_loop, stream_idle_timeout=stream_idle_timeout,
             client_ca_path=client_ca_path, require_client_auth=require_client_auth,
             drain_delay=drain_delay, callback_timeout=callback_timeout,
-            transport=transport, metrics=metrics, metrics_address=metrics_address),
+            transport=transport, metrics=metrics, metrics_address=metrics_address,
+            tracing=tracing),
             environ)
         if options.get("reflection") is None:
             options["reflection"] = self.default_reflection
@@ -287,6 +289,11 @@ class BaseServer(abc.ABC):
         # Metrics start with the server (in each worker, after the fork); their middleware,
         # outermost, is in place from here since the server kinds build their invokers next.
         wrappers = check_middleware(middleware)
+        if self.config.tracing:
+            from ._tracing import tracing_middleware
+
+            wrappers = (tracing_middleware(self._error_policy_name), *wrappers)
+            self._pool.carry_context = True
         if self.config.metrics:
             wrappers = (self._metrics_middleware, *wrappers)
         if wrappers:
@@ -786,11 +793,14 @@ class BaseServer(abc.ABC):
             return await proceed()
         return await metrics.middleware(call, proceed)
 
+    def _error_policy_name(self) -> str | None:
+        """The error policy's name (``fail_closed``, ...); None for a kind without one."""
+        return getattr(getattr(self, "error_policy", None), "value", None)
+
     def _start_metrics(self) -> None:
         from ._metrics import ServerMetrics
 
-        policy = getattr(self, "error_policy", None)
-        metrics = ServerMetrics(self.protocol, getattr(policy, "value", None))
+        metrics = ServerMetrics(self.protocol, self._error_policy_name())
         self._server_metrics = metrics
         enter, leave = self._enter_stream, self._leave_stream
 
