@@ -174,6 +174,15 @@ def without_text_bodies(data: bytes) -> bytes:
     always), so echoing the text copy only doubles the reply: a 3 MiB body would make a
     6 MiB reply, over the gateway's default 4 MiB receive limit.
     """
+    # Most Objects carry no text body (a GET, or a gateway that fills raw_body alone). Parsing
+    # in C says so in about a microsecond; the field walk below is about 15 µs of Python per
+    # reply (timeit on a 426-byte Object).
+    try:
+        parsed = Object.FromString(data)
+    except Exception:
+        parsed = None  # the walk decides, byte by byte
+    if parsed is not None and not parsed.request.body and not parsed.response.body:
+        return data
     out, last = bytearray(), 0
     for number, wire, begin, payload, end in _fields(data):
         drop = _TEXT_BODY_OF.get(number)
