@@ -10,6 +10,12 @@
 - `_health`: the HTTP health listener. `_workers`: ``--workers N`` processes.
 - `_errors`: the error hierarchy, `StreamAbort` and `ErrorPolicy`.
 - `_malformed`: the answer to a request that does not decode, and its rate-limited log line.
+- `_tls`: TLS credentials, reloaded on SIGHUP, and an mTLS client's `PeerIdentity`.
+- `_idle`: a stream waiting for its next message (`stream_idle_timeout`, drain).
+- `_logging`: a stream's ids on log records, and the JSON log format.
+- `_tracing`: OpenTelemetry spans, as a middleware (opentelemetry is imported there only).
+- `_native`: the Python side of the native transport (``calloutkit._native``, built from
+  ``native/``).
 
 Users import these names from `calloutkit`.
 """
