@@ -15,7 +15,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 
 /// What Python hands back to a stream waiting on it.
@@ -157,11 +157,19 @@ impl Server {
     /// object (None refuses the stream with UNAVAILABLE); a unary one is called with the
     /// `Call` and the request. With ``end_idle_on_drain``, a stream waiting for its next
     /// message when the drain begins is ended with UNAVAILABLE.
+    ///
+    /// With ``max_connection_age`` (seconds), each connection is sent GOAWAY after that long
+    /// (±10%) and closed ``max_connection_age_grace`` seconds later, as grpcio's
+    /// ``grpc.max_connection_age_ms`` does.
     #[new]
+    #[pyo3(signature = (methods, max_message_size, max_concurrent_streams,
+                        max_connection_age=None, max_connection_age_grace=0.0))]
     fn new(
         methods: &Bound<'_, PyDict>,
         max_message_size: usize,
         max_concurrent_streams: u32,
+        max_connection_age: Option<f64>,
+        max_connection_age_grace: f64,
     ) -> PyResult<Self> {
         let mut table = HashMap::new();
         for (path, entry) in methods.iter() {
@@ -176,11 +184,28 @@ impl Server {
         if max_concurrent_streams == 0 {
             return Err(PyValueError::new_err("max_concurrent_streams must be >= 1"));
         }
+        let seconds = |value: f64, what: &str| {
+            Duration::try_from_secs_f64(value)
+                .map_err(|_| PyValueError::new_err(format!("{what} must be >= 0 seconds")))
+        };
+        let max_connection_age = match max_connection_age {
+            Some(age) if age > 0.0 => Some(seconds(age, "max_connection_age")?),
+            Some(age) => {
+                return Err(PyValueError::new_err(format!(
+                    "max_connection_age must be > 0 seconds, got {age}"
+                )))
+            }
+            None => None,
+        };
+        let max_connection_age_grace =
+            seconds(max_connection_age_grace, "max_connection_age_grace")?;
         Ok(Server {
             shared: Arc::new(transport::Shared {
                 methods: table,
                 max_message_size,
                 max_concurrent_streams,
+                max_connection_age,
+                max_connection_age_grace,
                 active: AtomicUsize::new(0),
             }),
             listeners: Vec::new(),

@@ -15,6 +15,8 @@ use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
@@ -36,6 +38,10 @@ pub struct Shared {
     pub methods: HashMap<String, Method>,
     pub max_message_size: usize,
     pub max_concurrent_streams: u32,
+    /// GOAWAY after this long (±10%), then `max_connection_age_grace` for the streams in
+    /// flight: a gateway's long-lived connections come back, maybe to another worker.
+    pub max_connection_age: Option<Duration>,
+    pub max_connection_age_grace: Duration,
     pub active: AtomicUsize,
 }
 
@@ -137,6 +143,57 @@ async fn accept_loop(
     }
 }
 
+/// The HTTP/2 limits of every connection, chosen for a gateway's traffic and against abuse
+/// (see the native transport's notes in `_server.py` for the reasoning behind each value).
+fn h2_builder(shared: &Shared) -> h2::server::Builder {
+    let mut builder = h2::server::Builder::new();
+    builder
+        .initial_window_size(1 << 20)
+        .initial_connection_window_size(4 << 20)
+        .max_concurrent_streams(shared.max_concurrent_streams)
+        // gRPC metadata is small (grpcio refuses more than 16 KiB); h2's default buffers up to
+        // 16 MiB of one header block, per connection, for a peer that never ends it.
+        .max_header_list_size(MAX_HEADER_LIST_SIZE)
+        // Bytes queued per stream beyond what the peer's window lets out; replies are sent as
+        // capacity is granted (`send_with_capacity`), so this bounds what one stream holds.
+        .max_send_buffer_size(MAX_SEND_BUFFER_SIZE)
+        // Streams the peer opens and resets before they are accepted. Envoy does this only
+        // when a request is cancelled that fast, but a stalled callback lets many pile up in
+        // one read; rapid reset floods far past this and ends with GOAWAY ENHANCE_YOUR_CALM.
+        .max_pending_accept_reset_streams(shared.max_concurrent_streams as usize)
+        // Resets the library sends for the peer's protocol errors, counted over the
+        // connection's life; Envoy's normal RST_STREAM is not one of them.
+        .max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS))
+        // Streams this side reset, remembered so the peer's late frames on them are ignored
+        // rather than treated as errors: room for every stream of a connection being ended
+        // at once (a drain), several times over, within the spec's "some time".
+        .max_concurrent_reset_streams(4 * shared.max_concurrent_streams as usize)
+        .reset_stream_duration(Duration::from_secs(5));
+    builder
+}
+
+const MAX_HEADER_LIST_SIZE: u32 = 64 << 10;
+const MAX_SEND_BUFFER_SIZE: usize = 64 << 10;
+const MAX_LOCAL_ERROR_RESETS: usize = 1024;
+
+/// `age` plus or minus 10%, so the connections made together do not all go away together.
+fn jittered(age: Duration) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    let random = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    let spread = (random % 2001) as f64 / 10_000.0 - 0.1; // -0.1 ..= 0.1
+    age.mul_f64(1.0 + spread)
+}
+
+/// True when the peer reset the stream before it was accepted: rapid reset's pattern,
+/// answered without any work.
+fn already_reset(respond: &mut SendResponse<Bytes>) -> bool {
+    let waker = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(waker);
+    matches!(respond.poll_reset(&mut cx), Poll::Ready(_))
+}
+
 async fn serve_connection<T>(
     io: T,
     shared: Arc<Shared>,
@@ -145,21 +202,24 @@ async fn serve_connection<T>(
 ) where
     T: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut builder = h2::server::Builder::new();
-    builder
-        .initial_window_size(1 << 20)
-        .initial_connection_window_size(4 << 20)
-        .max_concurrent_streams(shared.max_concurrent_streams);
-    let Ok(mut connection) = builder.handshake::<_, Bytes>(io).await else {
+    let Ok(mut connection) = h2_builder(&shared).handshake::<_, Bytes>(io).await else {
         return;
     };
     // A connection made while draining is served (health answers NOT_SERVING, the
     // protocols UNAVAILABLE); only those open when the drain began are told to go away.
     state.borrow_and_update();
+    let far = Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600);
+    let mut aged_at = shared
+        .max_connection_age
+        .map_or(far, |age| Instant::now() + jittered(age));
+    let mut ageing = false;
     loop {
         tokio::select! {
             next = connection.accept() => match next {
-                Some(Ok((request, respond))) => {
+                Some(Ok((request, mut respond))) => {
+                    if already_reset(&mut respond) {
+                        continue;
+                    }
                     let (shared, peer, state) = (shared.clone(), peer.clone(), state.clone());
                     tokio::spawn(serve_stream(shared, request, respond, peer, state));
                 }
@@ -170,6 +230,15 @@ async fn serve_connection<T>(
                     return;
                 }
                 connection.graceful_shutdown();
+            }
+            _ = tokio::time::sleep_until(aged_at) => {
+                if ageing {
+                    // The grace is over: what is still open is cut, as grpcio does.
+                    return;
+                }
+                ageing = true;
+                connection.graceful_shutdown();
+                aged_at = Instant::now() + shared.max_connection_age_grace;
             }
         }
     }
@@ -184,7 +253,7 @@ struct Reply {
 }
 
 impl Reply {
-    fn send(&mut self, framed: Bytes) -> Result<(), h2::Error> {
+    async fn send(&mut self, framed: Bytes) -> Result<(), h2::Error> {
         let send = match &mut self.send {
             Some(send) => send,
             None => {
@@ -193,7 +262,7 @@ impl Reply {
                 self.send.insert(self.respond.send_response(head, false)?)
             }
         };
-        send.send_data(framed, false)
+        send_with_capacity(send, framed).await
     }
 
     fn finish(&mut self, status: &Status) {
@@ -218,6 +287,30 @@ impl Reply {
         })
         .await;
     }
+}
+
+/// Sends `data` no faster than the peer's flow-control window lets it out: a peer that
+/// never opens its window holds this stream (which then reads no further requests), not a
+/// growing buffer. With the window open, capacity is granted at once and this is one frame.
+async fn send_with_capacity(
+    send: &mut SendStream<Bytes>,
+    mut data: Bytes,
+) -> Result<(), h2::Error> {
+    while !data.is_empty() {
+        send.reserve_capacity(data.len());
+        let mut granted = send.capacity();
+        if granted == 0 {
+            granted = match poll_fn(|cx| send.poll_capacity(cx)).await {
+                Some(Ok(granted)) => granted,
+                Some(Err(error)) => return Err(error),
+                // The stream can send no more: the peer reset it.
+                None => return Err(h2::Error::from(h2::Reason::CANCEL)),
+            };
+        }
+        let chunk = data.split_to(granted.min(data.len()));
+        send.send_data(chunk, false)?;
+    }
+    Ok(())
 }
 
 /// Counts a stream in for as long as it lives.
@@ -418,14 +511,14 @@ async fn answer(
             outcome(py, method.handler.bind(py).call1((call_object, data)), max)
         });
         return match result {
-            Outcome::Reply(framed) => match reply.send(framed) {
+            Outcome::Reply(framed) => match reply.send(framed).await {
                 Ok(()) => Some(Status::new(grpc::OK, "")),
                 Err(_) => None,
             },
             Outcome::Nothing => Some(Status::new(grpc::INTERNAL, "no reply")),
             Outcome::Failed(status) => Some(status),
             Outcome::Pending => match wait(reply, &mut events).await? {
-                Resumed::Reply(framed) => match reply.send(framed) {
+                Resumed::Reply(framed) => match reply.send(framed).await {
                     Ok(()) => Some(Status::new(grpc::OK, "")),
                     Err(_) => None,
                 },
@@ -484,7 +577,7 @@ async fn answer(
                 Resumed::Finish(status) => return Some(status),
             },
         };
-        if reply.send(framed).is_err() {
+        if reply.send(framed).await.is_err() {
             return None;
         }
     }
