@@ -137,12 +137,14 @@ class Server(Child):
     """A process of ``bench/servers.py`` on a free port."""
 
     def __init__(self, impl: str, work: str, *, workers: int = 1, loop: str = "asyncio",
-                 under: tuple[str, ...] = ()) -> None:
-        """``under`` is a command line the server runs under (valgrind, for one)."""
+                 transport: str | None = None, under: tuple[str, ...] = ()) -> None:
+        """``under`` is a command line the server runs under (valgrind, for one);
+        ``transport`` None leaves the choice to ``CALLOUTKIT_TRANSPORT``."""
         self.impl, self.work, self.workers = impl, work, workers
         self.port = free_port()
+        chosen = ["--transport", transport] if transport else []
         super().__init__([*under, sys.executable, os.path.join(HERE, "servers.py"), impl, work,
-                          str(self.port), "--workers", str(workers), "--loop", loop],
+                          str(self.port), "--workers", str(workers), "--loop", loop, *chosen],
                          tempfile.mkdtemp(prefix="calloutkit-bench-"))
 
     def ready(self, timeout: float = 30) -> Server:

@@ -20,6 +20,12 @@ Sections (``--only`` takes their names):
 - ``tyk-dispatch``: Tyk Dispatch calls/s, the bare floor against calloutkit, and calloutkit
   behind ``calloutkit proxy``.
 - ``idle-streams``: memory per held-open idle stream; every stream must answer afterwards.
+- ``native-*`` (``--only native`` takes them all): the native transport (``transport=
+  "native"``) against the floor on uvloop, the reference its targets are set against:
+  through Envoy with ``def``, ``@nonblocking`` and ``async def`` callbacks (beside the same
+  on grpc.aio), straight at the server, Tyk Dispatch, 2 workers against 1, idle streams,
+  and RSS growth over many requests. Each target is printed beside its ratio, with whether
+  it is met.
 
 Each round measures every variant of a section once, in an order that rotates from round to
 round, and the section's reference (the floor on the standard loop) before and after each
@@ -47,7 +53,9 @@ from scenarios import (
     CeilingSection,
     EnvoySection,
     Figures,
+    Goal,
     IdleSection,
+    RssSection,
     Section,
     Variant,
     long_stream_section,
@@ -96,6 +104,48 @@ CEILING_VARIANTS = [Variant("1 process", None), Variant("2 processes", None, wor
 
 IDLE_VARIANTS = [Variant(FLOOR, "floor", loop="asyncio"), Variant("calloutkit async", "async")]
 
+# -- the native transport, against the floor on uvloop ---
+
+UVLOOP_FLOOR = "floor, uvloop"
+NATIVE_FLOOR = Variant(UVLOOP_FLOOR, "floor")
+# Through Envoy (header mutation both ways, 32 connections): CPU per request, req/s, p99.
+ENVOY_GOALS = (Goal("cpu_us", 0.25), Goal("rate", 1.8, at_most=False), Goal("p99_ms", 0.5))
+CALLBACKS = [("def, pool", "sync"), ("def, @nonblocking", "inline"), ("async def", "async")]
+
+
+def _on(transport: str, goals: tuple[Goal, ...] = ()) -> list[Variant]:
+    return [Variant(f"calloutkit {transport}, {name}", impl, transport=transport,
+                    goals=goals if transport == "native" else ())
+            for name, impl in CALLBACKS]
+
+
+NATIVE_ENVOY_VARIANTS = [NATIVE_FLOOR, *_on("grpcio"), *_on("native", ENVOY_GOALS)]
+NATIVE_STREAM_VARIANTS = [NATIVE_FLOOR, *_on("native")]
+NATIVE_TYK_VARIANTS = [NATIVE_FLOOR,
+                       Variant("calloutkit native, def, pool", "sync", transport="native",
+                               goals=(Goal("cpu_us", 0.3),)),
+                       Variant("calloutkit native, async def", "async", transport="native",
+                               goals=(Goal("cpu_us", 0.3),))]
+NATIVE_WORKER_VARIANTS = [
+    Variant("calloutkit native async, 1 worker", "async", transport="native"),
+    Variant("calloutkit native async, 2 workers", "async", workers=2, transport="native",
+            goals=(Goal("rate", 1.7, at_most=False),))]
+NATIVE_IDLE_VARIANTS = [NATIVE_FLOOR, Variant(
+    "calloutkit native, async def", "async", transport="native",
+    goals=(Goal("unanswered", 0, of_reference=False), Goal("kb_per_stream", 1.0)))]
+RSS_GOAL = (Goal("growth_mb", 5, of_reference=False),)
+NATIVE_RSS_VARIANTS = [NATIVE_FLOOR,
+                       Variant("calloutkit native, def, pool", "sync", transport="native",
+                               goals=RSS_GOAL),
+                       Variant("calloutkit native, async def", "async", transport="native",
+                               goals=RSS_GOAL)]
+
+
+def native(section: Section) -> Section:
+    section.name = f"native-{section.name}"
+    section.title = f"native transport: {section.title}"
+    return section
+
 
 def sections(args: argparse.Namespace) -> list[Section]:
     quick = args.quick
@@ -110,6 +160,21 @@ def sections(args: argparse.Namespace) -> list[Section]:
         long_stream_section(ONE_STREAM_VARIANTS, FLOOR, 2000 if quick else 20000),
         tyk_section(TYK_VARIANTS, FLOOR, 1500 if quick else 8000),
         IdleSection(IDLE_VARIANTS, FLOOR, 1000 if quick else args.idle_streams),
+        native(EnvoySection("headers", NATIVE_ENVOY_VARIANTS, UVLOOP_FLOOR, seconds,
+                            args.connections)),
+        native(streams_section(NATIVE_STREAM_VARIANTS, UVLOOP_FLOOR, 3000 if quick else 20000)),
+        native(tyk_section(NATIVE_TYK_VARIANTS, UVLOOP_FLOOR, 3000 if quick else 20000)),
+        native(workers_section(NATIVE_WORKER_VARIANTS, NATIVE_WORKER_VARIANTS[0].label,
+                               640 if quick else 3200, 1)),
+        native(workers_section(NATIVE_WORKER_VARIANTS, NATIVE_WORKER_VARIANTS[0].label,
+                               240 if quick else 1200, 3)),
+        # What 2 processes get from this machine at that moment, beside the workers' ratio.
+        native(CeilingSection(CEILING_VARIANTS, CEILING_VARIANTS[0].label, 1 if quick else 4)),
+        native(IdleSection(NATIVE_IDLE_VARIANTS, UVLOOP_FLOOR,
+                           1000 if quick else args.idle_streams)),
+        # Quick: a tenth of the streams, so the growth it shows is a tenth of a leak's.
+        native(RssSection(NATIVE_RSS_VARIANTS, UVLOOP_FLOOR, *((2000, 20000) if quick
+                                                               else (20000, 200000)))),
     ]
 
 
@@ -119,8 +184,8 @@ def run_section(section: Section, rounds: int) -> dict[str, Any]:
     A round runs ``ref, A, ref, B, ref, ...``, the order of A, B, ... rotating from round to
     round. A variant's ratio is taken against the mean of the reference just before it and
     just after it: seconds apart rather than a whole round apart, and a drift of the machine
-    that is steady over that span cancels exactly. (The idle-streams section measures memory,
-    which does not drift: it runs its variants once each.)
+    that is steady over that span cancels exactly. (Sections that measure memory, which does
+    not drift, run the reference once a round and take ratios within the round.)
     """
     labels = [v.label for v in section.variants]
     reference = section.reference
@@ -132,7 +197,7 @@ def run_section(section: Section, rounds: int) -> dict[str, Any]:
     def measure(label: str, index: int) -> Figures:
         figures = section.measure(label)
         measured[label].append(figures)
-        shown = figures.get("rate", figures.get("kb_per_stream", 0.0))
+        shown = figures.get("rate", figures.get("kb_per_stream", figures.get("growth_mb", 0.0)))
         print(f"  round {index + 1}/{rounds}  {label:40s} {shown:12,.1f}", flush=True)
         return figures
 
@@ -142,8 +207,10 @@ def run_section(section: Section, rounds: int) -> dict[str, Any]:
             shift = index % max(1, len(others))
             order = others[shift:] + others[:shift]
             if not section.paired:
-                for label in [reference, *order]:
+                same_round = measure(reference, index)
+                for label in order:
                     measure(label, index)
+                    against[label].append(same_round)
                 continue
             before = measure(reference, index)
             for label in order:
@@ -153,9 +220,11 @@ def run_section(section: Section, rounds: int) -> dict[str, Any]:
                 before = after
     finally:
         section.stop()
+    variants = {label: summarise(measured[label], against.get(label)) for label in labels}
     return {"title": section.title, "unit": section.unit, "reference": reference,
-            "variants": {label: summarise(measured[label], against.get(label))
-                         for label in labels}}
+            "variants": variants,
+            "goals": [check_goal(v.label, goal, variants[v.label])
+                      for v in section.variants for goal in v.goals]}
 
 
 def _mean(a: Figures, b: Figures) -> Figures:
@@ -167,6 +236,14 @@ def summarise(rounds: list[Figures], against: list[Figures] | None) -> dict[str,
     measurements, the median and range of its ratios to that reference."""
     median = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
     out: dict[str, Any] = {"median": median, "rounds": rounds}
+    if against:
+        # Every figure against the reference's, round by round: what the goals read.
+        out["ratios"] = {}
+        for key in rounds[0].keys() & against[0].keys():
+            if all(ref[key] for ref in against):
+                each = [r[key] / ref[key] for r, ref in zip(rounds, against, strict=True)]
+                out["ratios"][key] = {"median": statistics.median(each), "range":
+                                      [min(each), max(each)]}
     if against is None and "rate" in rounds[0]:  # the reference itself
         out["rate_ratio"], out["rate_ratio_range"] = 1.0, [1.0, 1.0]
         out.update({key: 1.0 for key, figure in (("cpu_ratio", "cpu_us"), ("p99_ratio", "p99_ms"))
@@ -185,6 +262,22 @@ def summarise(rounds: list[Figures], against: list[Figures] | None) -> dict[str,
     return out
 
 
+def check_goal(label: str, goal: Goal, summary: dict[str, Any]) -> dict[str, Any]:
+    """A goal against a variant's median; ``every_round`` says whether its worst round met it
+    too, so that a pass the spread could undo shows."""
+    if goal.of_reference:
+        ratio = summary.get("ratios", {}).get(goal.key)
+        value, (low, high) = (None, (None, None)) if ratio is None else (
+            ratio["median"], ratio["range"])
+    else:
+        each = [r[goal.key] for r in summary["rounds"]]
+        value, low, high = statistics.median(each), min(each), max(each)
+    met = value is not None and goal.met(value)
+    worst = high if goal.at_most else low
+    return {"variant": label, "target": goal.text(), "value": value, "range": [low, high],
+            "met": met, "every_round": met and worst is not None and goal.met(worst)}
+
+
 # -- the report -----------------------------------------------------------------------------------
 
 def _cell(value: float | None, fmt: str) -> str:
@@ -196,7 +289,16 @@ def table(result: dict[str, Any]) -> str:
     for data in result["sections"].values():
         lines.append(f"\n{data['title']}  ({data['unit']}; ratios against "
                      f"'{data['reference']}')")
-        if data["unit"] == "streams":
+        if data["unit"] == "MiB":
+            header = ("variant", "RSS first MiB", "RSS last MiB", "growth MiB", "(range)")
+            rows = []
+            for label, v in data["variants"].items():
+                growth = [r["growth_mb"] for r in v["rounds"]]
+                rows.append((label, f"{v['median']['rss_first_mb']:.1f}",
+                             f"{v['median']['rss_total_mb']:.1f}",
+                             f"{v['median']['growth_mb']:.1f}",
+                             f"{min(growth):.1f}-{max(growth):.1f}"))
+        elif data["unit"] == "streams":
             header = ("variant", "held", "answered", "KiB/stream", "RSS held MiB", "open s")
             rows = [(label, f"{v['median']['held']:,.0f}", f"{v['median']['answered']:,.0f}",
                      f"{v['median']['kb_per_stream']:.1f}", f"{v['median']['rss_held_mb']:.0f}",
@@ -219,7 +321,25 @@ def table(result: dict[str, Any]) -> str:
         widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
         for row in [header, tuple("-" * w for w in widths), *rows]:
             lines.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)))
+    lines.extend(goals_table(result))
     return "\n".join(lines)
+
+
+def goals_table(result: dict[str, Any]) -> list[str]:
+    """Every target beside the measured value (median over rounds, and its range)."""
+    rows = [(name, goal["variant"], goal["target"], _cell(goal["value"], ".2f"),
+             "-" if goal["range"][0] is None else
+             f"{goal['range'][0]:.2f}-{goal['range'][1]:.2f}",
+             ("pass" if goal["every_round"] else "pass (not every round)") if goal["met"]
+             else "FAIL")
+            for name, data in result["sections"].items() for goal in data.get("goals", [])]
+    if not rows:
+        return []
+    header = ("section", "variant", "target", "measured", "(range)", "")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    return ["\nTargets (x ref: against the section's reference, measured around each run)",
+            *("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+              for row in [header, tuple("-" * w for w in widths), *rows])]
 
 
 def chart(result: dict[str, Any], path: str) -> bool:
@@ -230,7 +350,7 @@ def chart(result: dict[str, Any], path: str) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    rated = [d for d in result["sections"].values() if d["unit"] != "streams"]
+    rated = [d for d in result["sections"].values() if d["unit"] not in ("streams", "MiB")]
     fig, axes = plt.subplots(len(rated), 1, figsize=(9, 2.2 + 1.9 * len(rated)), squeeze=False)
     for ax, data in zip(axes[:, 0], rated, strict=True):
         labels = [label for label, v in data["variants"].items() if "rate_ratio" in v]
@@ -281,10 +401,12 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=32, help="wrk connections")
     parser.add_argument("--idle-streams", type=int, default=10_000)
     parser.add_argument("--quick", action="store_true", help="a smoke run: short and 1 round")
-    parser.add_argument("--only", action="append", help="run just this section (repeatable)")
+    parser.add_argument("--only", action="append",
+                        help="run just this section, or those named NAME-... (repeatable)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args()
-    chosen = [s for s in sections(args) if not args.only or s.name in args.only]
+    chosen = [s for s in sections(args) if not args.only
+              or any(s.name == name or s.name.startswith(name + "-") for name in args.only)]
     if not chosen:
         raise SystemExit(f"--only: no such section; choose from "
                          f"{', '.join(s.name for s in sections(args))}")
@@ -295,7 +417,8 @@ def main() -> None:
         "machine": machine(), "rounds": rounds, "sections": {}}
     for section in chosen:
         result["sections"][section.name] = run_section(
-            section, 1 if isinstance(section, IdleSection) else rounds)
+            section, 1 if isinstance(section, IdleSection)
+            else min(rounds, 2) if isinstance(section, RssSection) else rounds)
     result["seconds"] = round(time.time() - started)
     print(table(result))
     os.makedirs(args.out, exist_ok=True)

@@ -33,14 +33,40 @@ Figures = dict[str, float]
 
 
 @dataclasses.dataclass(frozen=True)
+class Goal:
+    """A target for one variant: its figure ``key`` (of `Section.measure`) must be at most (or
+    at least) ``bound``; with ``of_reference``, the figure divided by the section's reference
+    measured around it (paired sections) or in the same round (unpaired ones)."""
+
+    key: str
+    bound: float
+    at_most: bool = True
+    of_reference: bool = True
+
+    def text(self) -> str:
+        name = {"rate": "rate", "cpu_us": "CPU/op", "p99_ms": "p99",
+                "kb_per_stream": "KiB/stream"}.get(self.key, self.key)
+        return (f"{name} {'x ref ' if self.of_reference else ''}"
+                f"{'<=' if self.at_most else '>='} {self.bound:g}")
+
+    def met(self, value: float) -> bool:
+        return value <= self.bound if self.at_most else value >= self.bound
+
+
+@dataclasses.dataclass(frozen=True)
 class Variant:
-    """One side of a comparison: ``impl`` of `servers.py` (None: no callout at all)."""
+    """One side of a comparison: ``impl`` of `servers.py` (None: no callout at all).
+
+    ``transport`` None leaves calloutkit's transport to ``CALLOUTKIT_TRANSPORT`` (the floor
+    ignores it); ``goals`` are the targets the report checks this variant against."""
 
     label: str
     impl: str | None
     workers: int = 1
     loop: str = "uvloop"
     via_proxy: bool = False
+    transport: str | None = None
+    goals: tuple[Goal, ...] = ()
 
 
 @dataclasses.dataclass
@@ -94,7 +120,7 @@ class Section:
             self.targets[variant.label] = target
             if variant.impl is not None:
                 target.server = Server(variant.impl, self.work, workers=variant.workers,
-                                       loop=variant.loop).ready()
+                                       loop=variant.loop, transport=variant.transport).ready()
             self.prepare(target)
 
     def prepare(self, target: Target) -> None:
@@ -408,6 +434,49 @@ class IdleSection(Section):
         answered = client.stdout.readline().split()
         client.wait(120)
         return {"held": float(held[1]), "answered": float(answered[1]),
+                "unanswered": self.streams - float(answered[1]),
                 "kb_per_stream": (during - before) / self.streams,
                 "rss_before_mb": before / 1024, "rss_held_mb": during / 1024,
                 "open_seconds": opened_in}
+
+
+# -- memory over many requests ---
+
+class RssSection(Section):
+    """A fresh server per measurement: its RSS after ``first`` one-message streams and after
+    ``total``, and the growth between (the figure a leak per stream shows in)."""
+
+    name = "rss-growth"
+    unit = "MiB"
+    work = "headers"
+    paired = False  # memory does not drift with the machine's speed
+
+    def __init__(self, variants: list[Variant], reference: str, first: int, total: int) -> None:
+        super().__init__(variants, reference)
+        self.first, self.total = first, total
+        self.title = (f"server RSS after {first:,} and after {total:,} one-message ext_proc "
+                      "streams (h2load 16 connections x 4 streams), a fresh server each time")
+
+    def start(self) -> None:
+        self.targets = {v.label: Target(v) for v in self.variants}
+
+    def measure(self, label: str) -> Figures:
+        variant = self.targets[label].variant
+        assert variant.impl is not None
+        server = Server(variant.impl, self.work, workers=variant.workers, loop=variant.loop,
+                        transport=variant.transport).ready()
+        try:
+            if not _ext_proc_ok(server.port):
+                raise SystemExit(f"{self.name} / {label}: wrong answer")
+            frame = grpc_frame(ext_proc_message())
+            rss = []
+            for streams in (self.first, self.total - self.first):
+                result = h2load(server.port, EXT_PROC_PATH, frame, streams=streams,
+                                connections=16, concurrent=4)
+                if result.failed:
+                    raise SystemExit(f"{self.name} / {label}: {result.failed} streams failed")
+                time.sleep(0.5)
+                rss.append(server.tree.rss_kb() / 1024)
+        finally:
+            server.stop()
+        return {"rss_first_mb": rss[0], "rss_total_mb": rss[1], "growth_mb": rss[1] - rss[0]}

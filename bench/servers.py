@@ -7,7 +7,9 @@ IMPL is ``floor`` or ``floor-readwrite`` (the bare grpc.aio servicers of `floor.
 ``sync`` (plain ``def`` callbacks, run in the thread pool). WORK is ``headers``, ``body``,
 ``tyk``, ``heavy`` or ``heavier`` (a CPU-bound callback of about 1 or 3 ms: calloutkit only);
 the calloutkit callbacks below do what `floor.py` does, written the documented way.
-``--loop`` picks the event loop for either side, so that loops can be compared like for like.
+``--loop`` picks the event loop for either side, so that loops can be compared like for like;
+``--transport`` picks calloutkit's gRPC transport (``grpcio`` or ``native``; left out, the
+``CALLOUTKIT_TRANSPORT`` variable or the default decides).
 """
 
 from __future__ import annotations
@@ -131,6 +133,7 @@ def main() -> None:
     parser.add_argument("port", type=int)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
+    parser.add_argument("--transport", choices=["grpcio", "native"])
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.impl.startswith("floor"):
@@ -143,7 +146,8 @@ def main() -> None:
         return
     server = CALLOUTKIT[args.impl, args.work](
         plaintext_address=("127.0.0.1", args.port), disable_tls=True,
-        combined_health_check=True, workers=args.workers, event_loop=args.loop)
+        combined_health_check=True, workers=args.workers, event_loop=args.loop,
+        **({"transport": args.transport} if args.transport else {}))
     server.run()
 
 

@@ -23,6 +23,7 @@ from scenarios import (  # noqa: E402
     BODY,
     DISPATCH_PATH,
     EXT_PROC_PATH,
+    Goal,
     Variant,
     ext_proc_message,
     tyk_object,
@@ -136,3 +137,54 @@ def test_ratios_are_taken_against_the_reference_measured_around_them():
     assert variants["b"]["cpu_ratio"] == pytest.approx(1 / 0.9, rel=0.01)
     assert variants["b"]["p99_ratio"] == pytest.approx(1 / 0.9)
     assert variants["ref"]["p99_ratio"] == 1.0
+
+
+class _GoalSection(_DriftingSection):
+    """The drifting section with targets: "b" misses its rate target, "c" meets both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.variants = [Variant("ref", None),
+                         Variant("b", None, goals=(Goal("rate", 0.95, at_most=False),)),
+                         Variant("c", None, goals=(Goal("cpu_us", 0.95),
+                                                   Goal("p99_ms", 13, of_reference=False)))]
+
+
+def test_goals_are_checked_against_the_paired_ratios():
+    import run
+
+    result = run.run_section(_GoalSection(), rounds=3)
+    goals = {(g["variant"], g["target"]): g for g in result["goals"]}
+    missed = goals["b", "rate x ref >= 0.95"]
+    assert missed["value"] == pytest.approx(0.9) and not missed["met"]
+    cpu = goals["c", "CPU/op x ref <= 0.95"]
+    assert cpu["value"] == pytest.approx(1 / 1.1, rel=0.01) and cpu["every_round"]
+    # An absolute target reads the figure itself: p99 grows with the drift, past 13 ms in
+    # the last round only.
+    p99 = goals["c", "p99 <= 13"]
+    assert p99["met"] and not p99["every_round"]
+    report = "\n".join(run.goals_table({"sections": {"drift": result}}))
+    assert "FAIL" in report and "pass (not every round)" in report
+
+
+class _MemorySection(_DriftingSection):
+    """Unpaired, as memory sections are: the reference once a round, ratios within it."""
+
+    paired = False
+
+    def measure(self, label: str) -> dict[str, float]:
+        self.clock += 1
+        return {"kb_per_stream": {"ref": 20.0, "b": 5.0, "c": 30.0}[label] + self.clock % 2}
+
+
+def test_unpaired_sections_take_ratios_within_the_round():
+    import run
+
+    section = _MemorySection()
+    section.variants = [Variant("ref", None), Variant("b", None),
+                        Variant("c", None, goals=(Goal("kb_per_stream", 1.0),))]
+    result = run.run_section(section, rounds=2)
+    assert [len(v["rounds"]) for v in result["variants"].values()] == [2, 2, 2]
+    assert result["variants"]["b"]["ratios"]["kb_per_stream"]["median"] < 0.3
+    (goal,) = result["goals"]
+    assert goal["value"] > 1.4 and not goal["met"]
