@@ -4,14 +4,18 @@
 mod grpc;
 mod tls;
 mod transport;
+mod x509;
 
 use bytes::Bytes;
 use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyString, PyTuple};
+use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 use socket2::{Domain, Socket, Type};
 use std::collections::HashMap;
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -26,10 +30,17 @@ pub enum Event {
 
 type Metadata = Vec<(String, Vec<u8>)>;
 
+/// What every call of one connection shares: who the peer is, made once per connection.
+pub struct Connection {
+    /// As gRPC writes it: `ipv4:127.0.0.1:5000`, `ipv6:[::1]:5000`, `unix:`.
+    pub peer: String,
+    pub auth: tls::AuthContext,
+}
+
 pub struct CallState {
     pub events: mpsc::UnboundedSender<Event>,
     pub metadata: Metadata,
-    pub peer: Arc<str>,
+    pub connection: Arc<Connection>,
     pub deadline: Option<Instant>,
     pub initial: Mutex<Metadata>,
     pub trailing: Mutex<Metadata>,
@@ -76,7 +87,18 @@ impl Call {
     }
 
     fn peer(&self) -> String {
-        self.state.peer.to_string()
+        self.state.connection.peer.clone()
+    }
+
+    /// The connection's security, in the shape of grpc's ``auth_context()``: property name
+    /// to a list of bytes values (the client certificate's identity under mTLS).
+    fn auth_context<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let out = PyDict::new(py);
+        for (key, values) in &self.state.connection.auth {
+            let values = values.iter().map(|value| PyBytes::new(py, value));
+            out.set_item(key, PyList::new(py, values)?)?;
+        }
+        Ok(out)
     }
 
     /// Seconds left before the client's deadline; None without one.
@@ -120,6 +142,10 @@ impl Call {
 pub struct Server {
     shared: Arc<transport::Shared>,
     listeners: Vec<transport::Listener>,
+    tls: Option<Arc<tls::Reloadable>>,
+    /// Socket files this server made, with their device and inode: removed when it stops,
+    /// unless something else has replaced them since.
+    unix_files: Vec<(PathBuf, u64, u64)>,
     state: watch::Sender<u8>,
     thread: Option<JoinHandle<()>>,
 }
@@ -148,6 +174,33 @@ fn bind(host: &str, port: u16, reuse_port: bool) -> std::io::Result<std::net::Tc
         }
     }
     Err(last.unwrap_or_else(|| std::io::Error::other("no address to bind")))
+}
+
+fn bind_unix(path: &Path) -> std::io::Result<(UnixListener, (PathBuf, u64, u64))> {
+    // The runtime has checked that no server listens there: a socket file left behind by
+    // one that died is replaced, as gRPC does.
+    if let Ok(found) = std::fs::symlink_metadata(path) {
+        if found.file_type().is_socket() {
+            std::fs::remove_file(path)?;
+        }
+    }
+    let listener = UnixListener::bind(path)?;
+    listener.set_nonblocking(true)?;
+    let made = std::fs::metadata(path)?;
+    Ok((listener, (path.to_owned(), made.dev(), made.ino())))
+}
+
+fn os_error(e: std::io::Error) -> PyErr {
+    match e.raw_os_error() {
+        // OSError(errno, strerror), as Python's own socket errors: the runtime's message
+        // is then the same on both transports.
+        Some(code) => {
+            let text = e.to_string();
+            let suffix = format!(" (os error {code})");
+            PyOSError::new_err((code, text.trim_end_matches(&suffix).to_owned()))
+        }
+        None => PyOSError::new_err(e.to_string()),
+    }
 }
 
 #[pymethods]
@@ -209,13 +262,19 @@ impl Server {
                 active: AtomicUsize::new(0),
             }),
             listeners: Vec::new(),
+            tls: None,
+            unix_files: Vec::new(),
             state: watch::channel(transport::SERVING).0,
             thread: None,
         })
     }
 
-    /// Binds a listener (TLS when a certificate chain and key are given); returns its port.
-    #[pyo3(signature = (host, port, reuse_port=false, cert_chain=None, private_key=None))]
+    /// Binds a listener (TLS when a certificate chain and key are given, asking clients for
+    /// a certificate from ``client_ca`` when given); returns its port, 0 for a unix socket
+    /// (``host`` ``unix:/PATH``).
+    #[pyo3(signature = (host, port, reuse_port=false, cert_chain=None, private_key=None,
+                        client_ca=None, require_client_auth=false))]
+    #[allow(clippy::too_many_arguments)]
     fn listen(
         &mut self,
         host: &str,
@@ -223,29 +282,52 @@ impl Server {
         reuse_port: bool,
         cert_chain: Option<&[u8]>,
         private_key: Option<&[u8]>,
+        client_ca: Option<&[u8]>,
+        require_client_auth: bool,
     ) -> PyResult<u16> {
         if self.thread.is_some() {
             return Err(PyRuntimeError::new_err("server already started"));
         }
         let tls = match (cert_chain, private_key) {
-            (Some(chain), Some(key)) => {
-                Some(tls::acceptor(chain, key).map_err(PyValueError::new_err)?)
-            }
+            (Some(chain), Some(key)) => Some(Arc::new(
+                tls::Reloadable::new(chain, key, client_ca, require_client_auth)
+                    .map_err(PyValueError::new_err)?,
+            )),
             _ => None,
         };
-        let listener = bind(host, port, reuse_port).map_err(|e| match e.raw_os_error() {
-            // OSError(errno, strerror), as Python's own socket errors: the runtime's message
-            // is then the same on both transports.
-            Some(code) => {
-                let text = e.to_string();
-                let suffix = format!(" (os error {code})");
-                PyOSError::new_err((code, text.trim_end_matches(&suffix).to_owned()))
+        let (socket, bound) = match host.strip_prefix("unix:") {
+            Some(path) => {
+                let (listener, file) = bind_unix(Path::new(path)).map_err(os_error)?;
+                self.unix_files.push(file);
+                (transport::Socket::Unix(listener), 0)
             }
-            None => PyOSError::new_err(e.to_string()),
-        })?;
-        let bound = listener.local_addr()?.port();
-        self.listeners.push((listener, tls));
+            None => {
+                let listener = bind(host, port, reuse_port).map_err(os_error)?;
+                let bound = listener.local_addr()?.port();
+                (transport::Socket::Tcp(listener), bound)
+            }
+        };
+        if tls.is_some() {
+            self.tls.clone_from(&tls);
+        }
+        self.listeners.push((socket, tls));
         Ok(bound)
+    }
+
+    /// New TLS material for the connections accepted from now on; those open keep theirs.
+    /// ValueError when rustls cannot use it: the material in use stays.
+    #[pyo3(signature = (cert_chain, private_key, client_ca=None))]
+    fn reload_tls(
+        &self,
+        cert_chain: &[u8],
+        private_key: &[u8],
+        client_ca: Option<&[u8]>,
+    ) -> PyResult<()> {
+        let Some(tls) = &self.tls else {
+            return Err(PyRuntimeError::new_err("no TLS listener"));
+        };
+        tls.reload(cert_chain, private_key, client_ca)
+            .map_err(PyValueError::new_err)
     }
 
     /// Starts the transport thread on the listeners bound so far.
@@ -283,6 +365,7 @@ impl Server {
             });
         }
         self.listeners.clear();
+        self.remove_unix_files();
     }
 
     /// Streams (and unary calls) in flight.
@@ -292,11 +375,26 @@ impl Server {
     }
 }
 
+impl Server {
+    fn remove_unix_files(&mut self) {
+        for (path, dev, ino) in self.unix_files.drain(..) {
+            // Another server may have taken the path since (after refusing to share a live
+            // one, it can only be one that found ours gone): its file stays.
+            let ours = std::fs::symlink_metadata(&path)
+                .is_ok_and(|found| found.dev() == dev && found.ino() == ino);
+            if ours {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         // A server dropped without `stop` must not keep its thread serving; it cannot be
         // joined here, where the GIL may be held and the thread may be waiting for it.
         self.state.send_replace(transport::STOPPED);
+        self.remove_unix_files();
     }
 }
 

@@ -3,7 +3,8 @@
 //! that call.
 
 use crate::grpc::{self, Parsed, Status};
-use crate::{Call, CallState, Event};
+use crate::tls::{self, Reloadable};
+use crate::{Call, CallState, Connection, Event};
 use bytes::{Bytes, BytesMut};
 use h2::server::SendResponse;
 use h2::{RecvStream, SendStream};
@@ -18,10 +19,9 @@ use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
-use tokio_rustls::TlsAcceptor;
 
 pub const SERVING: u8 = 0;
 pub const DRAINING: u8 = 1;
@@ -75,7 +75,13 @@ impl Drop for PersistentThreadState {
     }
 }
 
-pub type Listener = (std::net::TcpListener, Option<TlsAcceptor>);
+pub enum Socket {
+    Tcp(std::net::TcpListener),
+    Unix(std::os::unix::net::UnixListener),
+}
+
+/// A bound socket, with the TLS configuration its connections get when it is a TLS one.
+pub type Listener = (Socket, Option<Arc<Reloadable>>);
 
 /// The body of the transport thread; returns once the state says STOPPED. Tasks still
 /// running then are dropped with the runtime, which ends their streams.
@@ -100,40 +106,44 @@ pub fn run(listeners: Vec<Listener>, shared: Arc<Shared>, state: watch::Receiver
     drop(thread_state);
 }
 
-fn peer_name(addr: SocketAddr) -> Arc<str> {
+fn peer_name(addr: SocketAddr) -> String {
     match addr {
-        SocketAddr::V4(a) => format!("ipv4:{a}").into(),
-        SocketAddr::V6(a) => format!("ipv6:{a}").into(),
+        SocketAddr::V4(a) => format!("ipv4:{a}"),
+        SocketAddr::V6(a) => format!("ipv6:{a}"),
     }
 }
 
+/// A unix peer as gRPC writes it: `unix:` and the path the client bound, which is
+/// usually none.
+fn unix_peer_name(addr: &tokio::net::unix::SocketAddr) -> String {
+    match addr.as_pathname() {
+        Some(path) => format!("unix:{}", path.display()),
+        None => "unix:".to_owned(),
+    }
+}
+
+enum Accepting {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
 async fn accept_loop(
-    listener: std::net::TcpListener,
-    tls: Option<TlsAcceptor>,
+    listener: Socket,
+    tls: Option<Arc<Reloadable>>,
     shared: Arc<Shared>,
     mut state: watch::Receiver<u8>,
 ) {
-    let Ok(listener) = TcpListener::from_std(listener) else {
+    let listener = match listener {
+        Socket::Tcp(listener) => TcpListener::from_std(listener).map(Accepting::Tcp),
+        Socket::Unix(listener) => UnixListener::from_std(listener).map(Accepting::Unix),
+    };
+    let Ok(listener) = listener else {
         return;
     };
+    let for_connections = state.clone();
     loop {
         tokio::select! {
-            accepted = listener.accept() => {
-                let Ok((socket, addr)) = accepted else { continue };
-                let _ = socket.set_nodelay(true);
-                let (shared, state, tls) = (shared.clone(), state.clone(), tls.clone());
-                tokio::spawn(async move {
-                    let peer = peer_name(addr);
-                    match tls {
-                        Some(acceptor) => {
-                            if let Ok(stream) = acceptor.accept(socket).await {
-                                serve_connection(stream, shared, state, peer).await;
-                            }
-                        }
-                        None => serve_connection(socket, shared, state, peer).await,
-                    }
-                });
-            }
+            () = accept(&listener, &tls, &shared, &for_connections) => {}
             changed = state.changed() => {
                 if changed.is_err() || *state.borrow() == STOPPED {
                     return;
@@ -194,11 +204,68 @@ fn already_reset(respond: &mut SendResponse<Bytes>) -> bool {
     matches!(respond.poll_reset(&mut cx), Poll::Ready(_))
 }
 
+/// Accepts one connection and starts serving it.
+async fn accept(
+    listener: &Accepting,
+    tls: &Option<Arc<Reloadable>>,
+    shared: &Arc<Shared>,
+    state: &watch::Receiver<u8>,
+) {
+    let (shared, state, tls) = (shared.clone(), state.clone(), tls.clone());
+    match listener {
+        Accepting::Tcp(listener) => {
+            let Ok((socket, addr)) = listener.accept().await else {
+                return;
+            };
+            let _ = socket.set_nodelay(true);
+            tokio::spawn(handshake(socket, peer_name(addr), tls, shared, state));
+        }
+        Accepting::Unix(listener) => {
+            let Ok((socket, addr)) = listener.accept().await else {
+                return;
+            };
+            let peer = unix_peer_name(&addr);
+            tokio::spawn(handshake(socket, peer, tls, shared, state));
+        }
+    }
+}
+
+/// The TLS handshake when the listener has TLS (with the configuration in use at this
+/// moment), then the connection. What the peer is known by is made here, once.
+async fn handshake<T>(
+    socket: T,
+    peer: String,
+    tls: Option<Arc<Reloadable>>,
+    shared: Arc<Shared>,
+    state: watch::Receiver<u8>,
+) where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    match tls {
+        Some(tls) => {
+            // A client refused here (no certificate, an unknown CA) only loses its own
+            // connection.
+            if let Ok(stream) = tls.acceptor().accept(socket).await {
+                let auth = tls::auth_context(stream.get_ref().1);
+                let connection = Arc::new(Connection { peer, auth });
+                serve_connection(stream, shared, state, connection).await;
+            }
+        }
+        None => {
+            let connection = Arc::new(Connection {
+                peer,
+                auth: tls::insecure(),
+            });
+            serve_connection(socket, shared, state, connection).await;
+        }
+    }
+}
+
 async fn serve_connection<T>(
     io: T,
     shared: Arc<Shared>,
     mut state: watch::Receiver<u8>,
-    peer: Arc<str>,
+    connection_info: Arc<Connection>,
 ) where
     T: AsyncRead + AsyncWrite + Unpin,
 {
@@ -220,8 +287,9 @@ async fn serve_connection<T>(
                     if already_reset(&mut respond) {
                         continue;
                     }
-                    let (shared, peer, state) = (shared.clone(), peer.clone(), state.clone());
-                    tokio::spawn(serve_stream(shared, request, respond, peer, state));
+                    let (shared, info, state) =
+                        (shared.clone(), connection_info.clone(), state.clone());
+                    tokio::spawn(serve_stream(shared, request, respond, info, state));
                 }
                 _ => return,
             },
@@ -430,7 +498,7 @@ async fn serve_stream(
     shared: Arc<Shared>,
     request: http::Request<RecvStream>,
     respond: SendResponse<Bytes>,
-    peer: Arc<str>,
+    connection: Arc<Connection>,
     state: watch::Receiver<u8>,
 ) {
     let (parts, body) = request.into_parts();
@@ -443,7 +511,7 @@ async fn serve_stream(
     let call = Arc::new(CallState {
         events,
         metadata: metadata(&parts.headers),
-        peer,
+        connection,
         deadline: deadline.map(Instant::into_std),
         initial: Mutex::new(Vec::new()),
         trailing: Mutex::new(Vec::new()),

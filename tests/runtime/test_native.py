@@ -346,16 +346,14 @@ async def test_a_key_rustls_cannot_use_is_a_config_error(certs: Certs, tmp_path)
 
 def test_options_the_native_transport_does_not_serve_yet_are_config_errors(certs: Certs,
                                                                            tmp_path) -> None:
-    with pytest.raises(ConfigError, match="does not support unix socket listeners yet"):
-        Mutator(plaintext_address=f"unix:{tmp_path}/s.sock", disable_tls=True,
-                combined_health_check=True, transport="native")
-    with pytest.raises(ConfigError, match=r"client certificates \(client_ca_path\)"):
-        Mutator(secure_address=("127.0.0.1", 0), disable_plaintext=True,
-                combined_health_check=True, cert_chain_path=certs.cert_path,
-                private_key_path=certs.key_path, client_ca_path=certs.ca_path,
-                transport="native")
     with pytest.raises(ConfigError, match="stream_idle_timeout yet; use transport=grpcio"):
         Mutator(**NATIVE, stream_idle_timeout=5)
+    # Served now (tests/runtime/test_mtls.py, test_unix_socket.py): no longer refused.
+    Mutator(plaintext_address=f"unix:{tmp_path}/s.sock", disable_tls=True,
+            combined_health_check=True, transport="native")
+    Mutator(secure_address=("127.0.0.1", 0), disable_plaintext=True,
+            combined_health_check=True, cert_chain_path=certs.cert_path,
+            private_key_path=certs.key_path, client_ca_path=certs.ca_path, transport="native")
 
 
 async def test_a_proxy_cannot_run_on_the_native_transport() -> None:

@@ -1,11 +1,13 @@
 """Every server kind listens on a unix socket with ``--plaintext_address unix:/PATH``.
 
 Tyk Gateway accepts ``unix:///path.sock`` as its plugin server; Envoy can reach a callout
-server over a pipe. Each test runs the real CLI and talks to it with grpcio over the socket.
+server over a pipe. Each test runs the real CLI (or a server in process) and talks to it with
+grpcio over the socket, on both transports.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -15,21 +17,31 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import read_until, spawn, stop_process
+from conftest import Certs, read_until, spawn, stop_process
 from envoy.service.ext_proc.v3.external_processor_pb2 import HttpHeaders, ProcessingRequest
 from envoy.service.ext_proc.v3.external_processor_pb2_grpc import ExternalProcessorStub
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from calloutkit import CalloutServer, ConfigError, parse_address
+from calloutkit import CalloutServer, ConfigError, add_header_mutation, parse_address
 from calloutkit.tyk import Hook, Object
 from calloutkit.tyk.testing import HttpRequest, request_object
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+TRANSPORTS = ["grpcio", "native"]
 
 
-def serve_on(socket_path: Path, example: str) -> subprocess.Popen[str]:
+def authority(transport: str) -> list[tuple[str, str]]:
+    """Channel options for a unix socket. grpcio sends the socket's path, percent-encoded,
+    as ``:authority``, which the native transport's HTTP/2 layer refuses as malformed (as
+    it does the empty one of old Tyk gateways); the gateways' own clients send a host name
+    (Tyk's Go gRPC ``localhost``, Envoy the cluster's), as this option makes grpcio do."""
+    return [("grpc.default_authority", "localhost")] if transport == "native" else []
+
+
+def serve_on(socket_path: Path, example: str, transport: str) -> subprocess.Popen[str]:
     process = spawn([sys.executable, "-m", "calloutkit", "serve", str(EXAMPLES / example),
-                     "--plaintext_address", f"unix:{socket_path}", "--combined_health_check"])
+                     "--plaintext_address", f"unix:{socket_path}", "--combined_health_check",
+                     "--transport", transport])
     line = read_until(process, "serving")
     assert f"grpc unix:{socket_path}" in line
     return process
@@ -48,11 +60,13 @@ def healthy(channel: grpc.Channel, service: str = "") -> bool:
     return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
 
-def test_a_tyk_server_serves_dispatch_and_health_on_a_unix_socket(tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_tyk_server_serves_dispatch_and_health_on_a_unix_socket(tmp_path: Path,
+                                                                  transport: str) -> None:
     socket_path = tmp_path / "plugins.sock"
-    process = serve_on(socket_path, "tyk_header_injection")
+    process = serve_on(socket_path, "tyk_header_injection", transport)
     try:
-        with grpc.insecure_channel(f"unix:{socket_path}") as channel:
+        with grpc.insecure_channel(f"unix:{socket_path}", authority(transport)) as channel:
             assert healthy(channel) and healthy(channel, "coprocess.Dispatcher")
             sent = request_object(Hook.PRE, "AddCorrelationId", HttpRequest("GET", "/x"))
             reply = channel.unary_unary("/coprocess.Dispatcher/Dispatch")(
@@ -64,12 +78,13 @@ def test_a_tyk_server_serves_dispatch_and_health_on_a_unix_socket(tmp_path: Path
         stop_process(process)
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
 def test_an_l7_callout_server_serves_process_and_health_on_a_unix_socket(
-        tmp_path: Path) -> None:
+        tmp_path: Path, transport: str) -> None:
     socket_path = tmp_path / "callout.sock"
-    process = serve_on(socket_path, "add_header")
+    process = serve_on(socket_path, "add_header", transport)
     try:
-        with grpc.insecure_channel(f"unix:{socket_path}") as channel:
+        with grpc.insecure_channel(f"unix:{socket_path}", authority(transport)) as channel:
             assert healthy(channel)
             stub = ExternalProcessorStub(channel)
             request = ProcessingRequest(request_headers=HttpHeaders(end_of_stream=True))
@@ -103,11 +118,13 @@ def test_bad_unix_options_are_one_line_errors(options: dict[str, object], messag
         CalloutServer(**options)  # type: ignore[arg-type]
 
 
-async def test_a_path_that_is_not_a_free_socket_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_path_that_is_not_a_free_socket_is_refused(tmp_path: Path,
+                                                           transport: str) -> None:
     taken = tmp_path / "file"
     taken.write_text("not a socket")
     server = CalloutServer(plaintext_address=f"unix:{taken}", disable_tls=True,
-                           combined_health_check=True)
+                           combined_health_check=True, transport=transport)
     with pytest.raises(ConfigError, match="exists and is not a socket"):
         await server.start()
     live = tmp_path / "live.sock"
@@ -115,10 +132,77 @@ async def test_a_path_that_is_not_a_free_socket_is_refused(tmp_path: Path) -> No
         listener.bind(str(live))
         listener.listen()
         server = CalloutServer(plaintext_address=f"unix:{live}", disable_tls=True,
-                               combined_health_check=True)
+                               combined_health_check=True, transport=transport)
         with pytest.raises(ConfigError, match="another server listens on it"):
             await server.start()
+        assert live.exists()  # the live server's file is left alone
     server = CalloutServer(plaintext_address=f"unix:{tmp_path}/no/such/dir.sock",
-                           disable_tls=True, combined_health_check=True)
+                           disable_tls=True, combined_health_check=True, transport=transport)
     with pytest.raises(ConfigError, match="no folder"):
         await server.start()
+    assert taken.read_text() == "not a socket"
+
+
+class Peer(CalloutServer):
+    """Answers with what the callback sees of its caller."""
+
+    def on_request_headers(self, headers, context):
+        identity = context.peer_identity
+        return add_header_mutation(add=[
+            ("x-peer", context.peer()),
+            ("x-identity", identity.common_name if identity else "-")])
+
+
+def exchange(channel: grpc.Channel) -> dict[str, str]:
+    request = ProcessingRequest(request_headers=HttpHeaders(end_of_stream=True))
+    (reply,) = list(ExternalProcessorStub(channel).Process(iter([request]), timeout=10))
+    mutation = reply.request_headers.response.header_mutation
+    return {h.header.key: h.header.raw_value.decode() for h in mutation.set_headers}
+
+
+async def ask(channel: grpc.Channel) -> dict[str, str]:
+    """One request-headers exchange (off the loop the server runs on); what it added."""
+    return await asyncio.to_thread(exchange, channel)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_stale_socket_file_is_replaced_and_removed_on_stop(tmp_path: Path,
+                                                                   transport: str) -> None:
+    path = tmp_path / "stale.sock"
+    with socket.socket(socket.AF_UNIX) as dead:  # bound, then closed: nobody listens
+        dead.bind(str(path))
+    server = Peer(plaintext_address=f"unix:{path}", disable_tls=True,
+                  combined_health_check=True, transport=transport)
+    await server.start()
+    try:
+        assert server.plaintext_port == 1  # what grpc answers for a unix socket
+        with grpc.insecure_channel(f"unix:{path}", authority(transport)) as channel:
+            assert (await ask(channel))["x-peer"] == "unix:"  # as grpc writes a unix peer
+    finally:
+        await server.stop(0)
+    assert not path.exists()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_tls_and_mtls_on_a_unix_socket(tmp_path: Path, certs: Certs,
+                                             transport: str) -> None:
+    path = tmp_path / "tls.sock"
+    server = Peer(secure_address=f"unix:{path}", disable_plaintext=True,
+                  combined_health_check=True, cert_chain_path=certs.cert_path,
+                  private_key_path=certs.key_path, client_ca_path=certs.ca_path,
+                  transport=transport)
+    await server.start()
+    try:
+        # The server's own certificate, issued by the same CA, will do as a client's.
+        creds = grpc.ssl_channel_credentials(certs.ca_pem, certs.key_pem, certs.cert_pem)
+        options = [("grpc.ssl_target_name_override", "localhost"), *authority(transport)]
+        with grpc.secure_channel(f"unix:{path}", creds, options) as channel:
+            assert await ask(channel) == {"x-peer": "unix:", "x-identity": "localhost"}
+        anonymous = grpc.ssl_channel_credentials(certs.ca_pem)
+        with grpc.secure_channel(f"unix:{path}", anonymous, options) as channel:
+            with pytest.raises(grpc.RpcError) as refused:
+                await ask(channel)
+            assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+    finally:
+        await server.stop(0)
+    assert not path.exists()

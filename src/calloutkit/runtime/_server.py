@@ -734,15 +734,22 @@ class BaseServer(abc.ABC):
                     (cfg.secure_address, True, "TLS")):
                 if address is None:
                     continue
+                if is_unix(address):
+                    # The same refusals as on grpcio: a regular file, a live socket, no folder.
+                    _check_bindable(address, what, reuse_port=reuse_port)
                 try:
                     port = server.listen(address[0], address[1], reuse_port,
                                          cfg.cert_chain if tls else None,
-                                         cfg.private_key if tls else None)
+                                         cfg.private_key if tls else None,
+                                         cfg.client_ca if tls else None,
+                                         cfg.require_client_auth)
                 except OSError as exc:
                     raise ConfigError(f"cannot bind {what} listener {format_address(address)}: "
                                       f"{exc.strerror or exc}") from None
                 except ValueError as exc:  # a certificate or key rustls cannot use
                     raise ConfigError(f"TLS listener {format_address(address)}: {exc}") from None
+                if is_unix(address):
+                    port = 1  # what grpc's add_*_port answers for a unix socket
                 if tls:
                     self.secure_port = port
                 else:
@@ -788,11 +795,11 @@ class BaseServer(abc.ABC):
         streams, carry on. Unreadable or mismatched files are logged and the current
         certificate stays. Returns True when the new files are in use.
         """
-        if self._native is not None:
-            logger.warning("certificates not reloaded: the native transport keeps the ones it "
-                           "started with until it restarts")
+        if self._tls is None:
             return False
-        return self._tls is not None and self._tls.reload()
+        if self._native is not None:
+            return self._tls.reload(self._native.reload_tls)
+        return self._tls.reload()
 
     # -- metrics (docs/observability.md) ------------------------------------------------------
 

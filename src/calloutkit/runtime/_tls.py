@@ -3,6 +3,8 @@
 The gRPC TLS listener uses gRPC's dynamic credentials: gRPC asks `ServerTls` before each new
 handshake whether the certificate changed, so a reload (SIGHUP, or `reload`) reaches new
 connections while connections already open, and their streams, carry on with the old one.
+The native transport gets the new material pushed to it instead (``install``), with the same
+effect.
 The HTTPS health listener's `ssl.SSLContext` is reloaded in place, which likewise affects
 only new connections. A reload that cannot read or pair the new files keeps the old ones.
 
@@ -17,6 +19,7 @@ import logging
 import os
 import ssl
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -86,8 +89,13 @@ class ServerTls:
         self._health = context
         return context
 
-    def reload(self) -> bool:
-        """Re-read the certificate files; True when new connections now get them."""
+    def reload(self, install: Callable[[bytes, bytes, bytes | None], None] | None = None,
+               ) -> bool:
+        """Re-read the certificate files; True when new connections now get them.
+
+        ``install(chain, key, client_ca)`` hands them to a listener that is not gRPC's; its
+        ValueError (material it cannot use) is a failed reload like any other.
+        """
         cfg = self._config
         if cfg.cert_chain_path is None and cfg.private_key_path is None \
                 and cfg.client_ca_path is None:
@@ -101,7 +109,9 @@ class ServerTls:
             ca = (self._ca if cfg.client_ca_path is None
                   else read_pem(cfg.client_ca_path, "client CA"))
             _load(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), chain, key)  # a pair that fits?
-        except (ConfigError, ssl.SSLError) as exc:
+            if install is not None:
+                install(chain, key, ca)
+        except (ConfigError, ssl.SSLError, ValueError) as exc:
             logger.error("TLS reload failed, keeping the current certificate: %s", exc)
             return False
         self._chain, self._key, self._ca = chain, key, ca
