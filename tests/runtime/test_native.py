@@ -151,9 +151,10 @@ async def test_unknown_method_is_unimplemented_and_health_is_truthful() -> None:
             with pytest.raises(grpc.aio.AioRpcError) as raised:
                 await grpc_health(channel, "no.Such")
             assert raised.value.code() == grpc.StatusCode.NOT_FOUND
-            # Watch and reflection are grpc.aio's only, for now: refused cleanly.
+            # Reflection is served only when asked for, as on grpcio.
             with pytest.raises(grpc.aio.AioRpcError) as raised:
-                await channel.unary_stream("/grpc.health.v1.Health/Watch")(b"").read()
+                await channel.stream_stream(
+                    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo")().read()
             assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
@@ -354,8 +355,7 @@ def test_options_the_native_transport_does_not_serve_yet_are_config_errors(certs
                 combined_health_check=True, cert_chain_path=certs.cert_path,
                 private_key_path=certs.key_path, client_ca_path=certs.ca_path,
                 transport="native")
-    with pytest.raises(ConfigError, match="stream_idle_timeout yet; use transport=grpcio"):
-        Mutator(**NATIVE, stream_idle_timeout=5)
+    assert Mutator(**NATIVE, stream_idle_timeout=5).config.stream_idle_timeout == 5.0
 
 
 async def test_a_proxy_cannot_run_on_the_native_transport() -> None:

@@ -396,7 +396,7 @@ class ServerConfig:
             raise ConfigError(f"max_message_size must be >= 1024 bytes, got {max_message_size}")
         transport = _transport(transport)
         if transport == "native":
-            _native_supports(secure, plain, client_ca, stream_idle_timeout)
+            _native_supports(secure, plain, client_ca)
         return cls(secure, plain, health, secure_health_check, chain, key, server_thread_count,
                    float(grace_period), int(max_message_size), bool(reflection), workers,
                    _event_loop(event_loop),
@@ -471,16 +471,14 @@ def _transport(choice: str | None) -> str:
     return choice
 
 
-def _native_supports(secure: Address | None, plain: Address | None, client_ca: bytes | None,
-                     stream_idle_timeout: float | None) -> None:
+def _native_supports(secure: Address | None, plain: Address | None,
+                     client_ca: bytes | None) -> None:
     """Refuse, at construction, the options the native transport does not serve yet."""
     missing = []
     if any(a is not None and is_unix(a) for a in (secure, plain)):
         missing.append("unix socket listeners")
     if client_ca is not None:
         missing.append("client certificates (client_ca_path)")
-    if stream_idle_timeout:
-        missing.append("stream_idle_timeout")
     if missing:
         raise ConfigError(f"transport=native does not support {', '.join(missing)} yet; "
                           "use transport=grpcio")
