@@ -421,3 +421,27 @@ async def test_a_stream_waiting_for_its_next_message_is_ended_by_the_drain(trans
         assert asyncio.get_running_loop().time() - started < 5  # not the grace period
         assert await idle.code() == grpc.StatusCode.UNAVAILABLE
         assert await idle.details() == "server is draining"
+
+
+@pytest.mark.parametrize(("transport", "kept"), [("native", True), ("grpcio", False)])
+async def test_a_client_pinging_every_second_keeps_an_idle_stream_on_native(transport,
+                                                                            kept) -> None:
+    # The same client on grpcio shows that it does ping: gRPC core's default policy there
+    # (no ping more often than every 5 minutes while no data flows, 2 strikes) ends the
+    # connection with GOAWAY too_many_pings. The native transport answers every PING.
+    pinging = [("grpc.keepalive_time_ms", 1000), ("grpc.keepalive_timeout_ms", 2000),
+               ("grpc.http2.max_pings_without_data", 0)]
+    async with running(Mutator(**LOOPBACK, transport=transport)) as server:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.plaintext_port}",
+                                             options=pinging) as channel:
+            stream = process_call(channel)()
+            await stream.write(headers_request())
+            assert (await stream.read()).HasField("request_headers")
+            await asyncio.sleep(5)  # five keepalive pings, no data
+            if kept:
+                await stream.write(headers_request())
+                assert (await stream.read()).HasField("request_headers")
+                await stream.done_writing()
+                assert await stream.code() == grpc.StatusCode.OK
+            else:
+                assert await asyncio.wait_for(stream.code(), 5) == grpc.StatusCode.UNAVAILABLE
