@@ -25,6 +25,8 @@ use tokio::sync::{mpsc, watch};
 /// What Python hands back to a stream waiting on it.
 pub enum Event {
     Reply(Option<Bytes>),
+    /// A message of a server-streaming call, not tied to a request.
+    Send(Bytes),
     Finish(grpc::Status),
 }
 
@@ -113,6 +115,12 @@ impl Call {
     #[pyo3(signature = (data))]
     fn reply(&self, data: Option<&[u8]>) {
         let _ = self.state.events.send(Event::Reply(data.map(grpc::frame)));
+    }
+
+    /// Sends ``data`` on a server-streaming call, at once: the way such a call (health
+    /// ``Watch``) pushes a message that no request asked for. Safe from any thread.
+    fn send(&self, data: &[u8]) {
+        let _ = self.state.events.send(Event::Send(grpc::frame(data)));
     }
 
     /// Ends the call with a gRPC status in place of the answer the transport waits for.
@@ -205,11 +213,20 @@ fn os_error(e: std::io::Error) -> PyErr {
 
 #[pymethods]
 impl Server {
-    /// ``methods`` maps each path (``/package.Service/Method``) to ``(bidi, handler,
-    /// end_idle_on_drain)``: a bidi handler is called with the `Call` and returns the stream
-    /// object (None refuses the stream with UNAVAILABLE); a unary one is called with the
-    /// `Call` and the request. With ``end_idle_on_drain``, a stream waiting for its next
-    /// message when the drain begins is ended with UNAVAILABLE.
+    /// ``methods`` maps each path (``/package.Service/Method``) to ``(kind, handler, counted,
+    /// end_idle_on_drain, idle)``:
+    ///
+    /// - ``"bidi"``: the handler is called with the `Call` and returns the stream object
+    ///   (None refuses the stream with UNAVAILABLE), whose ``on_message`` answers each request;
+    /// - ``"unary"``: the handler is called with the `Call` and the request;
+    /// - ``"server_streaming"``: the handler is called with the `Call` and the request, sends
+    ///   its messages with `Call.send` (from any thread) and ends with `Call.finish`; it
+    ///   returns an object whose ``on_end`` runs when the call ends, or None.
+    ///
+    /// A ``counted`` call counts in `active_streams` (what a drain waits for). With
+    /// ``end_idle_on_drain``, a stream waiting for its next message when the drain begins is
+    /// ended with UNAVAILABLE. ``idle`` is ``(seconds, message)``: a bidi stream waiting
+    /// that long for its next message is ended with DEADLINE_EXCEEDED and that message.
     ///
     /// With ``max_connection_age`` (seconds), each connection is sent GOAWAY after that long
     /// (±10%) and closed ``max_connection_age_grace`` seconds later, as grpcio's
@@ -226,11 +243,32 @@ impl Server {
     ) -> PyResult<Self> {
         let mut table = HashMap::new();
         for (path, entry) in methods.iter() {
-            let (bidi, handler, end_idle_on_drain): (bool, Py<PyAny>, bool) = entry.extract()?;
+            type Entry = (String, Py<PyAny>, bool, bool, Option<(f64, String)>);
+            let (kind, handler, counted, end_idle_on_drain, idle): Entry = entry.extract()?;
+            let kind = match kind.as_str() {
+                "unary" => transport::Kind::Unary,
+                "server_streaming" => transport::Kind::ServerStreaming,
+                "bidi" => transport::Kind::Bidi,
+                other => {
+                    return Err(PyValueError::new_err(format!(
+                        "unknown method kind {other}"
+                    )))
+                }
+            };
+            let idle = match idle {
+                Some((seconds, message)) => Some((
+                    Duration::try_from_secs_f64(seconds)
+                        .map_err(|e| PyValueError::new_err(format!("idle timeout: {e}")))?,
+                    message,
+                )),
+                None => None,
+            };
             let method = transport::Method {
-                bidi,
+                kind,
                 handler,
+                counted,
                 end_idle_on_drain,
+                idle,
             };
             table.insert(path.extract::<String>()?, method);
         }

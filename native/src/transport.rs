@@ -27,10 +27,21 @@ pub const SERVING: u8 = 0;
 pub const DRAINING: u8 = 1;
 pub const STOPPED: u8 = 2;
 
+pub enum Kind {
+    Unary,
+    ServerStreaming,
+    Bidi,
+}
+
 pub struct Method {
-    pub bidi: bool,
+    pub kind: Kind,
     pub handler: Py<PyAny>,
+    /// Counted in `Shared::active`, which a drain waits on; a health `Watch` is not (it
+    /// would hold every drain for its whole grace period).
+    pub counted: bool,
     pub end_idle_on_drain: bool,
+    /// How long a bidi stream may wait for its next message, and the status message then.
+    pub idle: Option<(Duration, String)>,
 }
 
 /// What every connection and stream of one server reads.
@@ -526,8 +537,10 @@ async fn serve_stream(
         reply.finish(&Status::new(grpc::UNIMPLEMENTED, message));
         return;
     };
-    shared.active.fetch_add(1, Ordering::AcqRel);
-    let _active = Active(shared.clone());
+    let _active = method.counted.then(|| {
+        shared.active.fetch_add(1, Ordering::AcqRel);
+        Active(shared.clone())
+    });
     let messages = Messages {
         body,
         buffer: BytesMut::new(),
@@ -565,7 +578,10 @@ async fn answer(
     let Ok(call_object) = call_object else {
         return Some(Status::new(grpc::INTERNAL, "internal error"));
     };
-    if !method.bidi {
+    if let Kind::ServerStreaming = method.kind {
+        return stream_out(method, call_object, messages, reply, events).await;
+    }
+    if let Kind::Unary = method.kind {
         let message = match messages.next().await {
             Next::Message(message) => message,
             Next::HalfClosed => {
@@ -607,19 +623,28 @@ async fn answer(
         Ok(stream) => OnEnd(stream),
         Err(status) => return Some(status),
     };
+    // One timer per stream, moved on as each wait for a message begins: no Python and no
+    // new timer per message.
+    let mut idle = method
+        .idle
+        .as_ref()
+        .map(|(timeout, _)| Box::pin(tokio::time::sleep(*timeout)));
     loop {
-        let next = if method.end_idle_on_drain {
+        if let (Some(timer), Some((timeout, _))) = (&mut idle, &method.idle) {
+            timer.as_mut().reset(Instant::now() + *timeout);
+        }
+        let next = tokio::select! {
+            biased;
             // The grace period is for streams mid-callback: one waiting for its next message
             // (Envoy waits on the upstream meanwhile) would only hold the drain.
-            tokio::select! {
-                biased;
-                _ = state.wait_for(|state| *state != SERVING) => {
-                    return Some(Status::new(grpc::UNAVAILABLE, "server is draining"));
-                }
-                next = messages.next() => next,
+            _ = state.wait_for(|state| *state != SERVING), if method.end_idle_on_drain => {
+                return Some(Status::new(grpc::UNAVAILABLE, "server is draining"));
             }
-        } else {
-            messages.next().await
+            _ = expired(&mut idle) => {
+                let message = method.idle.as_ref().map(|(_, m)| m.clone()).unwrap_or_default();
+                return Some(Status::new(grpc::DEADLINE_EXCEEDED, message));
+            }
+            next = messages.next() => next,
         };
         let message = match next {
             Next::Message(message) => message,
@@ -657,17 +682,77 @@ enum Resumed {
     Finish(Status),
 }
 
-/// Waits for the answer Python completes elsewhere (on its event loop); None when the
-/// client resets the stream first.
+/// Resolves when the stream's idle timer fires; never without one.
+async fn expired(timer: &mut Option<std::pin::Pin<Box<tokio::time::Sleep>>>) {
+    match timer {
+        Some(timer) => timer.as_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Waits for the answer Python completes elsewhere (on its event loop), sending any message
+/// pushed meanwhile; None when the client resets the stream first.
 async fn wait(reply: &mut Reply, events: &mut mpsc::UnboundedReceiver<Event>) -> Option<Resumed> {
-    let event = tokio::select! {
-        event = events.recv() => event,
-        _ = reply.reset() => return None,
+    loop {
+        let event = tokio::select! {
+            event = events.recv() => event,
+            _ = reply.reset() => return None,
+        };
+        return Some(match event {
+            Some(Event::Reply(Some(framed))) => Resumed::Reply(framed),
+            Some(Event::Reply(None)) => Resumed::Nothing,
+            Some(Event::Send(framed)) => {
+                if reply.send(framed).await.is_err() {
+                    return None;
+                }
+                continue;
+            }
+            Some(Event::Finish(status)) => Resumed::Finish(status),
+            None => Resumed::Finish(Status::new(grpc::INTERNAL, "internal error")),
+        });
+    }
+}
+
+/// A server-streaming call: the handler gets the one request, then every message it sends
+/// (with `Call.send`, from any thread) goes out until it finishes the call or the client
+/// goes away.
+async fn stream_out(
+    method: &Method,
+    call_object: Py<Call>,
+    mut messages: Messages,
+    reply: &mut Reply,
+    mut events: mpsc::UnboundedReceiver<Event>,
+) -> Option<Status> {
+    let message = match messages.next().await {
+        Next::Message(message) => message,
+        Next::HalfClosed => return Some(Status::new(grpc::INTERNAL, "Missing request message")),
+        Next::Refused(status) => return Some(status),
+        Next::Reset => return None,
     };
-    Some(match event {
-        Some(Event::Reply(Some(framed))) => Resumed::Reply(framed),
-        Some(Event::Reply(None)) => Resumed::Nothing,
-        Some(Event::Finish(status)) => Resumed::Finish(status),
-        None => Resumed::Finish(Status::new(grpc::INTERNAL, "internal error")),
-    })
+    let opened = Python::attach(|py| {
+        let data = PyBytes::new(py, &message);
+        match method.handler.bind(py).call1((call_object, data)) {
+            Ok(stream) if stream.is_none() => Ok(None),
+            Ok(stream) => Ok(Some(OnEnd(stream.unbind()))),
+            Err(error) => {
+                error.write_unraisable(py, None);
+                Err(Status::new(grpc::INTERNAL, "internal error"))
+            }
+        }
+    });
+    let _stream = match opened {
+        Ok(stream) => stream,
+        Err(status) => return Some(status),
+    };
+    loop {
+        match wait(reply, &mut events).await? {
+            Resumed::Finish(status) => return Some(status),
+            Resumed::Reply(framed) => {
+                if reply.send(framed).await.is_err() {
+                    return None;
+                }
+            }
+            Resumed::Nothing => {}
+        }
+    }
 }

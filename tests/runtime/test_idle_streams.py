@@ -51,8 +51,12 @@ async def ended_with(call: Any) -> tuple[grpc.StatusCode, str, float]:
     return caught.value.code(), caught.value.details() or "", time.monotonic() - started
 
 
-async def test_a_stream_without_messages_for_the_idle_timeout_ends() -> None:
-    server = Slow(**LOOPBACK, stream_idle_timeout=0.6)
+TRANSPORTS = ["grpcio", "native"]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_stream_without_messages_for_the_idle_timeout_ends(transport: str) -> None:
+    server = Slow(**LOOPBACK, stream_idle_timeout=0.6, transport=transport)
     await server.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.plaintext_port}") as channel:
@@ -84,8 +88,10 @@ async def test_a_stream_without_messages_for_the_idle_timeout_ends() -> None:
         await server.stop(1)
 
 
-async def test_drain_ends_idle_streams_at_once_and_gives_busy_ones_the_grace() -> None:
-    server = Slow(**LOOPBACK, grace_period=30)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_drain_ends_idle_streams_at_once_and_gives_busy_ones_the_grace(
+        transport: str) -> None:
+    server = Slow(**LOOPBACK, grace_period=30, transport=transport)
     await server.start()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.plaintext_port}") as channel:
         idle, busy = open_stream(channel), open_stream(channel)

@@ -77,14 +77,19 @@ class Teapot(CalloutServer):
         return None
 
 
-async def test_l7_counts_streams_phases_latency_errors_and_immediate_responses() -> None:
+TRANSPORTS = ["grpcio", "native"]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_l7_counts_streams_phases_latency_errors_and_immediate_responses(
+        transport: str) -> None:
     seen: list[str] = []
 
     async def mine(call: CallInfo, proceed: Any) -> Any:
         seen.append(call.phase)
         return await proceed()
 
-    server = Teapot(**LOCAL, middleware=[mine], server_thread_count=3)
+    server = Teapot(**LOCAL, middleware=[mine], server_thread_count=3, transport=transport)
     async with running(server):
         assert server.health_check_port is not None
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.plaintext_port}") as channel:
@@ -120,12 +125,13 @@ async def test_l7_counts_streams_phases_latency_errors_and_immediate_responses()
     assert seen.count("request_headers") == seen.count("response_headers") == 10
 
 
-async def test_draining_shows_and_a_stuck_thread_is_counted() -> None:
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_draining_shows_and_a_stuck_thread_is_counted(transport: str) -> None:
     class Stuck(CalloutServer):
         def on_request_headers(self, headers: Any, context: Any) -> Any:
             time.sleep(1.5)  # past callback_timeout: its thread counts as stuck meanwhile
 
-    server = Stuck(**LOCAL, callback_timeout=0.3, drain_delay=1)
+    server = Stuck(**LOCAL, callback_timeout=0.3, drain_delay=1, transport=transport)
     async with running(server):
         assert server.health_check_port is not None
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.plaintext_port}") as channel:
@@ -143,7 +149,8 @@ async def test_draining_shows_and_a_stuck_thread_is_counted() -> None:
         await stopping
 
 
-async def test_every_server_kind_is_labelled_with_its_kind() -> None:
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_every_server_kind_is_labelled_with_its_kind(transport: str) -> None:
     class Net(NetworkCalloutServer):
         def on_read_data(self, data: bytes, end_of_stream: bool, context: Any) -> Any:
             return None
@@ -155,9 +162,9 @@ async def test_every_server_kind_is_labelled_with_its_kind() -> None:
     def pre(call: PluginCall) -> None:
         raise RuntimeError("boom")
 
-    authz = Authz(**LOCAL, error_policy="continue")
-    tyk = TykPluginServer(**LOCAL, plugins=[Plugin("Pre", pre, hook="pre")])
-    net = Net(**LOCAL)
+    authz = Authz(**LOCAL, error_policy="continue", transport=transport)
+    tyk = TykPluginServer(**LOCAL, plugins=[Plugin("Pre", pre, hook="pre")], transport=transport)
+    net = Net(**LOCAL, transport=transport)
     async with running(authz), running(tyk), running(net):
         from calloutkit.authz._client import check_request
         from calloutkit.tyk.testing import HttpRequest, request_object

@@ -151,9 +151,10 @@ async def test_unknown_method_is_unimplemented_and_health_is_truthful() -> None:
             with pytest.raises(grpc.aio.AioRpcError) as raised:
                 await grpc_health(channel, "no.Such")
             assert raised.value.code() == grpc.StatusCode.NOT_FOUND
-            # Watch and reflection are grpc.aio's only, for now: refused cleanly.
+            # Reflection is served only when asked for, as on grpcio.
             with pytest.raises(grpc.aio.AioRpcError) as raised:
-                await channel.unary_stream("/grpc.health.v1.Health/Watch")(b"").read()
+                await channel.stream_stream(
+                    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo")().read()
             assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
@@ -344,16 +345,15 @@ async def test_a_key_rustls_cannot_use_is_a_config_error(certs: Certs, tmp_path)
         await server.start()
 
 
-def test_options_the_native_transport_does_not_serve_yet_are_config_errors(certs: Certs,
-                                                                           tmp_path) -> None:
-    with pytest.raises(ConfigError, match="stream_idle_timeout yet; use transport=grpcio"):
-        Mutator(**NATIVE, stream_idle_timeout=5)
-    # Served now (tests/runtime/test_mtls.py, test_unix_socket.py): no longer refused.
+def test_options_once_refused_on_native_are_served(certs: Certs, tmp_path) -> None:
+    # Once refused on native, now served (tests/runtime/test_mtls.py, test_unix_socket.py,
+    # test_idle_streams.py): construction accepts each.
     Mutator(plaintext_address=f"unix:{tmp_path}/s.sock", disable_tls=True,
             combined_health_check=True, transport="native")
     Mutator(secure_address=("127.0.0.1", 0), disable_plaintext=True,
             combined_health_check=True, cert_chain_path=certs.cert_path,
             private_key_path=certs.key_path, client_ca_path=certs.ca_path, transport="native")
+    assert Mutator(**NATIVE, stream_idle_timeout=5).config.stream_idle_timeout == 5.0
 
 
 async def test_a_proxy_cannot_run_on_the_native_transport() -> None:
@@ -419,3 +419,27 @@ async def test_a_stream_waiting_for_its_next_message_is_ended_by_the_drain(trans
         assert asyncio.get_running_loop().time() - started < 5  # not the grace period
         assert await idle.code() == grpc.StatusCode.UNAVAILABLE
         assert await idle.details() == "server is draining"
+
+
+@pytest.mark.parametrize(("transport", "kept"), [("native", True), ("grpcio", False)])
+async def test_a_client_pinging_every_second_keeps_an_idle_stream_on_native(transport,
+                                                                            kept) -> None:
+    # The same client on grpcio shows that it does ping: gRPC core's default policy there
+    # (no ping more often than every 5 minutes while no data flows, 2 strikes) ends the
+    # connection with GOAWAY too_many_pings. The native transport answers every PING.
+    pinging = [("grpc.keepalive_time_ms", 1000), ("grpc.keepalive_timeout_ms", 2000),
+               ("grpc.http2.max_pings_without_data", 0)]
+    async with running(Mutator(**LOOPBACK, transport=transport)) as server:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.plaintext_port}",
+                                             options=pinging) as channel:
+            stream = process_call(channel)()
+            await stream.write(headers_request())
+            assert (await stream.read()).HasField("request_headers")
+            await asyncio.sleep(5)  # five keepalive pings, no data
+            if kept:
+                await stream.write(headers_request())
+                assert (await stream.read()).HasField("request_headers")
+                await stream.done_writing()
+                assert await stream.code() == grpc.StatusCode.OK
+            else:
+                assert await asyncio.wait_for(stream.code(), 5) == grpc.StatusCode.UNAVAILABLE

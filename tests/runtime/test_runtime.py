@@ -111,9 +111,13 @@ async def test_blocking_sync_callback_does_not_stall_other_streams():
             other.cancel()
 
 
-async def test_health_reflects_serving_and_draining():
+TRANSPORTS = ["grpcio", "native"]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_health_reflects_serving_and_draining(transport):
     server = Blocking(plaintext_address=("127.0.0.1", 0), disable_tls=True,
-                      health_check_address=("127.0.0.1", 0))
+                      health_check_address=("127.0.0.1", 0), transport=transport)
     server.gate.set()
     await server.start()
     health_url = f"http://127.0.0.1:{server.health_check_port}/"
@@ -121,6 +125,10 @@ async def test_health_reflects_serving_and_draining():
         serving = health_pb2.HealthCheckResponse.SERVING
         assert await grpc_health(channel) == serving
         assert await grpc_health(channel, "envoy.service.ext_proc.v3.ExternalProcessor") == serving
+        # Watch: the status at once, then each change (here, the drain).
+        watch = health_pb2_grpc.HealthStub(channel).Watch(
+            health_pb2.HealthCheckRequest(service="envoy.service.ext_proc.v3.ExternalProcessor"))
+        assert (await asyncio.wait_for(watch.read(), 5)).status == serving
         # an empty 200, as the documented server answers: some probes compare the body
         assert await asyncio.to_thread(http_get, health_url) == (200, b"")
         assert await asyncio.to_thread(http_status, health_url, "HEAD") == 200
@@ -131,11 +139,13 @@ async def test_health_reflects_serving_and_draining():
                                                                                   "200"})))
         await asyncio.sleep(0.1)
         stopping = asyncio.ensure_future(server.stop(grace=10))
-        await asyncio.sleep(0.1)
+        assert (await asyncio.wait_for(watch.read(), 5)).status == (
+            health_pb2.HealthCheckResponse.NOT_SERVING)
         assert await grpc_health(channel) == health_pb2.HealthCheckResponse.NOT_SERVING
         assert await asyncio.to_thread(http_get, health_url) == (503, b"draining\n")
+        # Refused as it opens, before any message (a write racing the status would turn it
+        # into grpc.aio's client-side INTERNAL "Internal error from Core").
         refused = process_call(channel)()
-        await refused.write(headers_request())
         with pytest.raises(grpc.aio.AioRpcError) as error:
             await refused.read()
         assert error.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -144,21 +154,60 @@ async def test_health_reflects_serving_and_draining():
         reply = await asyncio.wait_for(in_flight.read(), 5)
         assert reply.HasField("response_headers")
         await in_flight.done_writing()
+        # The open watch held nothing up: the drain waited for the stream in flight only.
         await asyncio.wait_for(stopping, 5)
 
 
-async def test_reflection_lists_the_services():
-    server = CalloutServer(reflection=True, **LOOPBACK)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_health_watch_of_an_unknown_service_and_a_malformed_request(transport):
+    async with running(CalloutServer(**LOOPBACK, transport=transport)) as server:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.plaintext_port}") as channel:
+            watch = health_pb2_grpc.HealthStub(channel).Watch(
+                health_pb2.HealthCheckRequest(service="no.Such"))
+            assert (await asyncio.wait_for(watch.read(), 5)).status == (
+                health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+            watch.cancel()
+            for method in ("Check", "Watch"):
+                call = channel.unary_stream(f"/grpc.health.v1.Health/{method}")(b"\xff\xff")
+                assert await call.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert await call.details() == "malformed request"
+        assert server.active_streams == 0
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_reflection_lists_the_services(transport):
+    server = CalloutServer(reflection=True, **LOOPBACK, transport=transport)
     async with running(server):
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.plaintext_port}") as channel:
             stub = reflection_pb2_grpc.ServerReflectionStub(channel)
             replies = stub.ServerReflectionInfo(
-                iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
-            names = set()
-            async for reply in replies:
-                names = {s.name for s in reply.list_services_response.service}
-            assert {"envoy.service.ext_proc.v3.ExternalProcessor",
-                    "grpc.health.v1.Health"} <= names
+                iter([reflection_pb2.ServerReflectionRequest(list_services=""),
+                      reflection_pb2.ServerReflectionRequest(file_containing_symbol="no.Such")]))
+            got = [reply async for reply in replies]
+            names = {s.name for s in got[0].list_services_response.service}
+            assert names == {"envoy.service.ext_proc.v3.ExternalProcessor",
+                             "grpc.health.v1.Health",
+                             "grpc.reflection.v1alpha.ServerReflection"}
+            assert got[1].error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0]
+        # What grpcurl does: list the services, then resolve one to its methods.
+        found = await asyncio.to_thread(describe_by_reflection, server.plaintext_port,
+                                        "envoy.service.ext_proc.v3.ExternalProcessor")
+        assert "envoy.service.ext_proc.v3.ExternalProcessor" in found[0]
+        assert found[1] == ["Process"]
+
+
+def describe_by_reflection(port: int, service: str) -> tuple[list[str], list[str]]:
+    """The services a reflection client lists, and the methods of ``service``."""
+    from google.protobuf.descriptor_pool import DescriptorPool
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        database = ProtoReflectionDescriptorDatabase(channel)
+        services = list(database.get_services())
+        found = DescriptorPool(database).FindServiceByName(service)
+        return services, [method.name for method in found.methods]
 
 
 async def test_tls_listener_and_https_health(certs: Certs):

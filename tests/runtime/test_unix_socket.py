@@ -30,14 +30,6 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 TRANSPORTS = ["grpcio", "native"]
 
 
-def authority(transport: str) -> list[tuple[str, str]]:
-    """Channel options for a unix socket. grpcio sends the socket's path, percent-encoded,
-    as ``:authority``, which the native transport's HTTP/2 layer refuses as malformed (as
-    it does the empty one of old Tyk gateways); the gateways' own clients send a host name
-    (Tyk's Go gRPC ``localhost``, Envoy the cluster's), as this option makes grpcio do."""
-    return [("grpc.default_authority", "localhost")] if transport == "native" else []
-
-
 def serve_on(socket_path: Path, example: str, transport: str) -> subprocess.Popen[str]:
     process = spawn([sys.executable, "-m", "calloutkit", "serve", str(EXAMPLES / example),
                      "--plaintext_address", f"unix:{socket_path}", "--combined_health_check",
@@ -66,7 +58,7 @@ def test_a_tyk_server_serves_dispatch_and_health_on_a_unix_socket(tmp_path: Path
     socket_path = tmp_path / "plugins.sock"
     process = serve_on(socket_path, "tyk_header_injection", transport)
     try:
-        with grpc.insecure_channel(f"unix:{socket_path}", authority(transport)) as channel:
+        with grpc.insecure_channel(f"unix:{socket_path}") as channel:
             assert healthy(channel) and healthy(channel, "coprocess.Dispatcher")
             sent = request_object(Hook.PRE, "AddCorrelationId", HttpRequest("GET", "/x"))
             reply = channel.unary_unary("/coprocess.Dispatcher/Dispatch")(
@@ -84,7 +76,7 @@ def test_an_l7_callout_server_serves_process_and_health_on_a_unix_socket(
     socket_path = tmp_path / "callout.sock"
     process = serve_on(socket_path, "add_header", transport)
     try:
-        with grpc.insecure_channel(f"unix:{socket_path}", authority(transport)) as channel:
+        with grpc.insecure_channel(f"unix:{socket_path}") as channel:
             assert healthy(channel)
             stub = ExternalProcessorStub(channel)
             request = ProcessingRequest(request_headers=HttpHeaders(end_of_stream=True))
@@ -176,7 +168,7 @@ async def test_a_stale_socket_file_is_replaced_and_removed_on_stop(tmp_path: Pat
     await server.start()
     try:
         assert server.plaintext_port == 1  # what grpc answers for a unix socket
-        with grpc.insecure_channel(f"unix:{path}", authority(transport)) as channel:
+        with grpc.insecure_channel(f"unix:{path}") as channel:
             assert (await ask(channel))["x-peer"] == "unix:"  # as grpc writes a unix peer
     finally:
         await server.stop(0)
@@ -195,7 +187,7 @@ async def test_tls_and_mtls_on_a_unix_socket(tmp_path: Path, certs: Certs,
     try:
         # The server's own certificate, issued by the same CA, will do as a client's.
         creds = grpc.ssl_channel_credentials(certs.ca_pem, certs.key_pem, certs.cert_pem)
-        options = [("grpc.ssl_target_name_override", "localhost"), *authority(transport)]
+        options = [("grpc.ssl_target_name_override", "localhost")]
         with grpc.secure_channel(f"unix:{path}", creds, options) as channel:
             assert await ask(channel) == {"x-peer": "unix:", "x-identity": "localhost"}
         anonymous = grpc.ssl_channel_credentials(certs.ca_pem)

@@ -318,10 +318,12 @@ def _h2_unary(port: int, path: str, message: bytes, authority: str) -> tuple[byt
                 return data[5:], True
 
 
+@pytest.mark.parametrize("transport", ["grpcio", "native"])
 @pytest.mark.parametrize("authority", ["", "localhost"])
-async def test_an_empty_authority_as_older_gateways_send_is_served(serve: Any,
-                                                                   authority: str) -> None:
-    client = await serve(TykPluginServer(plugins=[Plugin("ok", tag)], **LOCAL))
+async def test_an_empty_authority_as_older_gateways_send_is_served(serve: Any, authority: str,
+                                                                   transport: str) -> None:
+    client = await serve(TykPluginServer(plugins=[Plugin("ok", tag)], **LOCAL,
+                                         transport=transport))
     message = pre_object("ok").SerializeToString()
     answer, ended = await asyncio.to_thread(_h2_unary, client.port, DISPATCH, message, authority)
     assert ended

@@ -395,8 +395,6 @@ class ServerConfig:
         if max_message_size < 1024:
             raise ConfigError(f"max_message_size must be >= 1024 bytes, got {max_message_size}")
         transport = _transport(transport)
-        if transport == "native":
-            _native_supports(stream_idle_timeout)
         return cls(secure, plain, health, secure_health_check, chain, key, server_thread_count,
                    float(grace_period), int(max_message_size), bool(reflection), workers,
                    _event_loop(event_loop),
@@ -469,16 +467,6 @@ def _transport(choice: str | None) -> str:
         raise ConfigError("transport=native but calloutkit._native is not built: reinstall "
                           "calloutkit from a wheel, or from source with a Rust toolchain")
     return choice
-
-
-def _native_supports(stream_idle_timeout: float | None) -> None:
-    """Refuse, at construction, the options the native transport does not serve yet."""
-    missing = []
-    if stream_idle_timeout:
-        missing.append("stream_idle_timeout")
-    if missing:
-        raise ConfigError(f"transport=native does not support {', '.join(missing)} yet; "
-                          "use transport=grpcio")
 
 
 def _listener(address: Any, port: int | None, ip: str, default_port: int,

@@ -6,6 +6,9 @@ that runs it while it waits, and the stream loop turns that cancellation into a 
 (`StreamWatch.ending`). Only a waiting stream is ever cancelled, so a callback is never cut
 off halfway.
 
+On the native transport the same two endings happen in the transport itself (a timer per
+stream, moved on as each wait begins); only the status message comes from here.
+
 The idle timer is lazy: one timer per stream, not one per message. Each message only notes
 the time; when the timer fires it checks how long the stream has really waited, and sleeps
 again for the rest.
@@ -16,6 +19,11 @@ from __future__ import annotations
 import asyncio
 
 import grpc
+
+
+def idle_message(timeout: float) -> str:
+    """The status message of a stream ended by ``stream_idle_timeout``, on either transport."""
+    return f"no message for {timeout:g}s (stream_idle_timeout)"
 
 
 class StreamWatch:
@@ -57,7 +65,6 @@ class StreamWatch:
         due = (self.since if self.waiting else self._loop.time()) + self._timeout
         if self.waiting and self._loop.time() >= due:
             self._handle = None
-            self.end(grpc.StatusCode.DEADLINE_EXCEEDED,
-                     f"no message for {self._timeout:g}s (stream_idle_timeout)")
+            self.end(grpc.StatusCode.DEADLINE_EXCEEDED, idle_message(self._timeout))
             return
         self._handle = self._loop.call_at(due, self._check)

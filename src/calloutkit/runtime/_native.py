@@ -8,7 +8,9 @@ from the same method table grpc.aio serves:
   ``on_message(bytes)`` runs the protocol's answer function and returns the reply's bytes,
   None, or `PENDING`; ``on_end()`` runs when the stream ends, however it ends;
 - a unary method taking and returning bytes (Tyk, ext_authz, gRPC health ``Check``):
-  ``handler(call, bytes)`` returning the reply's bytes or `PENDING`.
+  ``handler(call, bytes)`` returning the reply's bytes or `PENDING`;
+- gRPC health ``Watch`` (`NativeHealth`), server streaming: it sends each status with
+  ``Call.send`` when it changes, from whichever thread changed it.
 
 `PENDING` means the answer is a coroutine: it runs on the server's event loop, and its
 result goes back to the transport through the call (`Call.reply` / `Call.finish`, safe from
@@ -20,13 +22,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Callable
 from types import CoroutineType
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2
 
 from ._errors import StreamAbort
+from ._malformed import describe
 
 logger = logging.getLogger(__name__)
 
@@ -112,14 +117,17 @@ async def _complete(call: Any, pending: Any) -> None:
 class _Stream:
     """One bidi stream: the protocol's context and answer function, called per message."""
 
-    __slots__ = ("_answer", "_call", "_context", "_loop", "_parse", "_task", "_went_async")
+    __slots__ = ("_answer", "_call", "_context", "_leave", "_loop", "_parse", "_task",
+                 "_went_async")
 
     def __init__(self, call: Any, context: Any, answer: Callable[[Any, Any], Any],
-                 parse: Callable[[bytes], Any], loop: asyncio.AbstractEventLoop) -> None:
+                 parse: Callable[[bytes], Any], leave: Callable[[], None] | None,
+                 loop: asyncio.AbstractEventLoop) -> None:
         self._call = call
         self._context = context
         self._answer = answer
         self._parse = parse
+        self._leave = leave
         self._loop = loop
         self._task: asyncio.Task[None] | None = None
         self._went_async = False
@@ -143,6 +151,8 @@ class _Stream:
         self._task.add_done_callback(lambda _: pending.close())
 
     def on_end(self) -> None:
+        if self._leave is not None:
+            self._leave()
         # Only a stream that ever handed work to the loop has anything there to cancel; the
         # callbacks run in order, so `_cancel` sees the task `_start` made.
         if self._went_async:
@@ -154,13 +164,23 @@ class _Stream:
 
 
 def stream_opener(new_context: Callable[[Any], Any], answer: Callable[[Any, Any], Any],
-                  parse: Callable[[bytes], Any], refuse: Callable[[], bool],
+                  parse: Callable[[bytes], Any], enter: Callable[[], bool],
+                  leave: Callable[[], None] | None,
                   loop: asyncio.AbstractEventLoop) -> Callable[[Any], _Stream | None]:
-    """What the transport calls for each new stream: None refuses it (UNAVAILABLE)."""
+    """What the transport calls for each new stream: None refuses it (UNAVAILABLE).
+
+    ``enter()`` counts the stream in, or says False to refuse it; ``leave()`` runs once when a
+    stream it let in ends, however it ends. Both run on the transport thread.
+    """
     def open_stream(call: Any) -> _Stream | None:
-        if refuse():
+        if not enter():
             return None
-        return _Stream(call, new_context(NativeContext(call)), answer, parse, loop)
+        try:
+            return _Stream(call, new_context(NativeContext(call)), answer, parse, leave, loop)
+        except BaseException:
+            if leave is not None:
+                leave()
+            raise
 
     return open_stream
 
@@ -183,3 +203,83 @@ def unary_handler(behavior: Callable[[Any, Any], Any], parse: Callable[[bytes], 
             return PENDING
 
     return handle
+
+
+_UNKNOWN: int = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+_SERVING: int = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING: int = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class NativeHealth:
+    """grpc.health.v1 ``Check`` and ``Watch`` on the native transport, as grpcio's servicer
+    answers them: ``Check`` of an unknown service is NOT_FOUND, ``Watch`` of one is
+    SERVICE_UNKNOWN; ``Watch`` sends the status at once, then again each time it changes.
+
+    ``healthy()`` is the truth for every known service; the server calls `changed` (on its
+    loop) whenever that may have changed, and each watch sends its new status from there.
+    """
+
+    def __init__(self, names: list[str], healthy: Callable[[], bool],
+                 malformed: Callable[[str], StreamAbort]) -> None:
+        self._names = frozenset(names)
+        self._healthy = healthy
+        self._malformed = malformed
+        self._watches: set[_Watch] = set()
+
+    def _status(self, service: str) -> int:
+        if service not in self._names:
+            return _UNKNOWN
+        return _SERVING if self._healthy() else _NOT_SERVING
+
+    def _service(self, data: bytes, method: str) -> str:
+        try:
+            return str(health_pb2.HealthCheckRequest.FromString(data).service)
+        except Exception as exc:
+            raise self._malformed(f"/grpc.health.v1.Health/{method}: malformed request "
+                                  f"({describe(exc)})") from None
+
+    def check(self, data: bytes, context: Any) -> bytes:
+        """``Check``, answered on the transport thread."""
+        status = self._status(self._service(data, "Check"))
+        if status == _UNKNOWN:
+            raise StreamAbort(grpc.StatusCode.NOT_FOUND, "unknown service")
+        return bytes(health_pb2.HealthCheckResponse(status=status).SerializeToString())
+
+    def watch(self, call: Any, data: bytes) -> _Watch | None:
+        """``Watch``: what the transport calls when one opens."""
+        try:
+            service = self._service(data, "Watch")
+        except StreamAbort as abort:
+            call.finish(_code(abort.code), abort.details)
+            return None
+        watch = _Watch(call, service, self)
+        self._watches.add(watch)  # first, so a change from here on is not missed
+        watch.update()
+        return watch
+
+    def changed(self) -> None:
+        for watch in list(self._watches):
+            watch.update()
+
+
+class _Watch:
+    __slots__ = ("_call", "_health", "_last", "_lock", "_service")
+
+    def __init__(self, call: Any, service: str, health: NativeHealth) -> None:
+        self._call = call
+        self._service = service
+        self._health = health
+        self._last: int | None = None
+        # `update` runs on the transport thread (at the start) and on the loop (each change).
+        self._lock = threading.Lock()
+
+    def update(self) -> None:
+        with self._lock:
+            status = self._health._status(self._service)
+            if status != self._last:
+                self._last = status
+                self._call.send(health_pb2.HealthCheckResponse(status=status)
+                                .SerializeToString())
+
+    def on_end(self) -> None:
+        self._health._watches.discard(self)

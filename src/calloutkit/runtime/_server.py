@@ -55,10 +55,11 @@ from ._config import (
 )
 from ._errors import ConfigError, StreamAbort
 from ._health import HttpHealthServer
-from ._idle import StreamWatch
+from ._idle import StreamWatch, idle_message
 from ._invoke import CallbackPool, Invoker
 from ._malformed import MalformedInput, describe, parse_requests
 from ._middleware import Describe, Middleware, chain, check_middleware, describer
+from ._native import NativeHealth
 from ._tls import ServerTls
 
 if TYPE_CHECKING:
@@ -82,6 +83,10 @@ _CONNECTION_AGE_MS = 30_000
 # Connection ageing (workers > 1) spreads them over time either way.
 _NATIVE_MAX_STREAMS = 1024
 _HEALTH_CHECK = f"/{health.SERVICE_NAME}/Check"
+_HEALTH_WATCH = f"/{health.SERVICE_NAME}/Watch"
+# A method of the native transport: kind, handler, counted, end_idle_on_drain, idle timeout
+# and its message (see `calloutkit._native.Server`).
+_NativeMethod = tuple[str, Any, bool, bool, tuple[float, str] | None]
 
 
 # What a server kind serves, per service name: its methods by name, or a catch-all handler.
@@ -233,6 +238,7 @@ class BaseServer(abc.ABC):
     # is a slower lookup, measurably (8% per message in bench). It has 28.
     _middleware: tuple[Middleware, ...] = ()
     _server_metrics: ServerMetrics | None = None  # once started with metrics on
+    _native_health: NativeHealth | None = None  # gRPC health, once started on native
 
     def __init__(
         self,
@@ -431,6 +437,8 @@ class BaseServer(abc.ABC):
     def _pool_exhausted(self, exhausted: bool) -> None:
         # Called on the loop's thread. After a stop has begun the health servicer ignores
         # this: it stays NOT_SERVING for good.
+        if self._native_health is not None:
+            self._native_health.changed()
         if self._health_servicer is None:
             return
         status = (health_pb2.HealthCheckResponse.NOT_SERVING if exhausted
@@ -645,6 +653,8 @@ class BaseServer(abc.ABC):
     def _started_serving(self) -> None:
         self._serving = True
         self._setup = True
+        if self._native_health is not None:
+            self._native_health.changed()  # a watch opened before this saw NOT_SERVING
         logger.info("%s serving: %s (%s loop%s)", type(self).__name__,
                     ", ".join(self._listening()), _loop_name(asyncio.get_running_loop()),
                     ", native transport" if self._native is not None else "")
@@ -680,12 +690,28 @@ class BaseServer(abc.ABC):
 
     # -- the native transport ----------------------------------------------------------------
 
-    def _native_methods(self, loop: asyncio.AbstractEventLoop,
-                        ) -> dict[str, tuple[bool, Any, bool]]:
+    def _native_methods(self, loop: asyncio.AbstractEventLoop, health_check: NativeHealth,
+                        ) -> dict[str, _NativeMethod]:
         """The method table for the native transport, from the same `_handlers()`."""
-        methods: dict[str, tuple[bool, Any, bool]] = {
-            _HEALTH_CHECK: (False, _native.unary_handler(self._native_health, None, loop),
-                            False)}
+        methods: dict[str, _NativeMethod] = {
+            _HEALTH_CHECK: ("unary", _native.unary_handler(health_check.check, None, loop),
+                            True, False, None),
+            # As on grpcio, a watch neither counts as a stream nor holds a drain.
+            _HEALTH_WATCH: ("server_streaming", health_check.watch, False, False, None)}
+        metrics = self._server_metrics
+
+        def enter() -> bool:
+            # The transport counts the stream itself (`active_streams`); the metrics count
+            # what `_enter_stream` counts on grpcio.
+            if self._draining:
+                return False
+            if metrics is not None:
+                metrics.stream_started()
+            return True
+
+        leave = metrics.stream_ended if metrics is not None else None
+        timeout = self.config.stream_idle_timeout
+        idle = None if timeout is None else (timeout, idle_message(timeout))
         for service, handlers in self._handlers():
             if isinstance(handlers, grpc.GenericRpcHandler):
                 raise ConfigError(f"{type(self).__name__} serves methods the native transport "
@@ -695,33 +721,56 @@ class BaseServer(abc.ABC):
                 parts = getattr(handler.stream_stream, "calloutkit_parts", None)
                 if parts is not None:
                     new_context, answer, parse, end_idle_on_drain = parts
-                    methods[path] = (True, _native.stream_opener(
-                        new_context, answer, parse, lambda: self._draining, loop),
-                        end_idle_on_drain)
+                    methods[path] = ("bidi", _native.stream_opener(
+                        new_context, answer, parse, enter, leave, loop), True,
+                        end_idle_on_drain, idle)
                 elif (handler.unary_unary is not None and handler.response_serializer is None):
-                    methods[path] = (False, _native.unary_handler(
-                        handler.unary_unary, handler.request_deserializer, loop), False)
+                    methods[path] = ("unary", _native.unary_handler(
+                        handler.unary_unary, handler.request_deserializer, loop), True, False,
+                        None)
                 else:
                     raise ConfigError(f"{type(self).__name__}: {path} is a kind of method the "
                                       "native transport does not serve: use transport='grpcio'")
+        if self.config.reflection:
+            methods.update(self._native_reflection(loop))
         return methods
 
-    def _native_health(self, data: bytes, context: Any) -> bytes:
-        """grpc.health.v1 ``Check``, answered on the transport thread."""
-        service = health_pb2.HealthCheckRequest.FromString(data).service
-        if service not in self._health_names:
-            raise StreamAbort(grpc.StatusCode.NOT_FOUND, "unknown service")
-        status = (health_pb2.HealthCheckResponse.SERVING if self._healthy()
-                  else health_pb2.HealthCheckResponse.NOT_SERVING)
-        return bytes(health_pb2.HealthCheckResponse(status=status).SerializeToString())
+    def _native_reflection(self, loop: asyncio.AbstractEventLoop) -> dict[str, _NativeMethod]:
+        """grpcio-reflection's own servicer, asked one request at a time (its answer to a
+        request depends on that request alone). As on grpcio, a reflection stream is not
+        counted, not refused while draining, and not idle-timed."""
+        from grpc_reflection.v1alpha import reflection, reflection_pb2
+
+        names = [*(service for service, _ in self._handlers()), health.SERVICE_NAME,
+                 reflection.SERVICE_NAME]
+        servicer = reflection.ReflectionServicer(names)
+        path = f"/{reflection.SERVICE_NAME}/ServerReflectionInfo"
+        malformed = MalformedInput(logger, "malformed request")
+
+        def parse(data: bytes) -> Any:
+            try:
+                return reflection_pb2.ServerReflectionRequest.FromString(data)
+            except Exception as exc:
+                raise malformed(f"{path}: malformed request ({describe(exc)})") from None
+
+        def answer(request: Any, context: Any) -> Any:
+            return next(iter(servicer.ServerReflectionInfo((request,), context)))
+
+        opener = _native.stream_opener(lambda context: context, answer, parse, lambda: True,
+                                       None, loop)
+        return {path: ("bidi", opener, False, False, None)}
 
     async def _start_native(self) -> None:
         from calloutkit._native import Server
 
         cfg = self.config
         loop = asyncio.get_running_loop()
-        methods = self._native_methods(loop)
+        if cfg.metrics:
+            self._start_metrics()  # before the method table: its streams count themselves
         self._health_names = ["", *(service for service, _ in self._handlers())]
+        self._native_health = NativeHealth(self._health_names, self._healthy,
+                                           MalformedInput(logger, "malformed request"))
+        methods = self._native_methods(loop, self._native_health)
         # As `_grpc_options` does for grpcio: with workers, GOAWAY after an age (jittered by
         # the transport), then the grace period for the streams in flight.
         age = _CONNECTION_AGE_MS / 1000 if cfg.workers > 1 else None
@@ -878,6 +927,8 @@ class BaseServer(abc.ABC):
         self._stopping = True
         if self._health_servicer is not None:
             await self._health_servicer.enter_graceful_shutdown()
+        if self._native_health is not None:
+            self._native_health.changed()
         delay = self.config.drain_delay
         if delay > 0:
             # A load balancer only learns of the stop from its next health check; until it
