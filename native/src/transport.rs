@@ -184,7 +184,10 @@ struct Reply {
 }
 
 impl Reply {
-    fn send(&mut self, framed: Bytes) -> Result<(), h2::Error> {
+    /// Sends one framed message as the client's flow-control window lets it through: h2
+    /// would otherwise queue every reply for a client that does not read them, without bound.
+    /// While this waits the stream reads no further message, so the client is held back too.
+    async fn send(&mut self, mut framed: Bytes) -> Result<(), h2::Error> {
         let send = match &mut self.send {
             Some(send) => send,
             None => {
@@ -193,7 +196,17 @@ impl Reply {
                 self.send.insert(self.respond.send_response(head, false)?)
             }
         };
-        send.send_data(framed, false)
+        while !framed.is_empty() {
+            send.reserve_capacity(framed.len());
+            let granted = match poll_fn(|cx| send.poll_capacity(cx)).await {
+                Some(granted) => granted?,
+                None => return Err(h2::Reason::CANCEL.into()),
+            };
+            if granted > 0 {
+                send.send_data(framed.split_to(granted.min(framed.len())), false)?;
+            }
+        }
+        Ok(())
     }
 
     fn finish(&mut self, status: &Status) {
@@ -418,14 +431,14 @@ async fn answer(
             outcome(py, method.handler.bind(py).call1((call_object, data)), max)
         });
         return match result {
-            Outcome::Reply(framed) => match reply.send(framed) {
+            Outcome::Reply(framed) => match reply.send(framed).await {
                 Ok(()) => Some(Status::new(grpc::OK, "")),
                 Err(_) => None,
             },
             Outcome::Nothing => Some(Status::new(grpc::INTERNAL, "no reply")),
             Outcome::Failed(status) => Some(status),
             Outcome::Pending => match wait(reply, &mut events).await? {
-                Resumed::Reply(framed) => match reply.send(framed) {
+                Resumed::Reply(framed) => match reply.send(framed).await {
                     Ok(()) => Some(Status::new(grpc::OK, "")),
                     Err(_) => None,
                 },
@@ -484,7 +497,7 @@ async fn answer(
                 Resumed::Finish(status) => return Some(status),
             },
         };
-        if reply.send(framed).is_err() {
+        if reply.send(framed).await.is_err() {
             return None;
         }
     }
