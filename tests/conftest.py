@@ -19,6 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from transports import parametrize, server_transport  # noqa: F401 (a fixture for every test)
 
 from calloutkit import BaseServer
 from calloutkit.testing import UpstreamServer
@@ -47,6 +48,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if left:
         print(f"\ntemporary folders left behind by the suite: {', '.join(left)}")
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    parametrize(metafunc)  # the protocol suites, on each transport (tests/transports.py)
 
 
 def pytest_report_header() -> str:

@@ -24,6 +24,9 @@ from calloutkit import (
 )
 from calloutkit.testing import AuthzClient, StreamEnded, check_request
 
+# No test here starts a server: each runs once, not per transport.
+pytestmark = pytest.mark.no_server
+
 
 class Recorder(AuthzServer):
     def __init__(self, **kwargs: Any) -> None:

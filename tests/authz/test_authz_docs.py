@@ -6,6 +6,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
+# No test here starts a server: each runs once, not per transport.
+pytestmark = pytest.mark.no_server
+
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 PAGE = (DOCS / "authz.md").read_text()
 

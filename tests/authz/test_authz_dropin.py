@@ -48,6 +48,7 @@ def upstream() -> Iterator[UpstreamServer]:
         yield server
 
 
+@pytest.mark.no_server
 def test_the_names_are_calloutkits() -> None:
     assert issubclass(CalloutServerAuth, AuthzServer)
     assert _addr_to_str(("0.0.0.0", 443)) == "0.0.0.0:443"

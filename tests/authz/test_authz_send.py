@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from conftest import LOOPBACK, REPO, free_port, running
 
 from calloutkit import AuthzServer, allow_request, deny_request
@@ -63,6 +64,7 @@ async def test_the_examples_check_files_run() -> None:
     assert [json.loads(line)["allowed"] for line in result.stdout.splitlines()] == [True, False]
 
 
+@pytest.mark.no_server
 def test_bad_descriptions_are_one_line_and_exit_2(tmp_path) -> None:
     for text, message in (("path: 3", "path must be text"),
                           ("{verb: GET}", "unknown key 'verb'"),
@@ -76,6 +78,7 @@ def test_bad_descriptions_are_one_line_and_exit_2(tmp_path) -> None:
     assert result.returncode == 2 and "not allowed with" in result.stderr
 
 
+@pytest.mark.no_server
 def test_an_unreachable_server_is_exit_1() -> None:
     result = send("--authz", "--address", f"127.0.0.1:{free_port()}", "--timeout", "2",
                   stdin="{}")
@@ -83,6 +86,7 @@ def test_an_unreachable_server_is_exit_1() -> None:
     assert result.stderr.startswith("calloutkit: error: gRPC UNAVAILABLE")
 
 
+@pytest.mark.no_server
 def test_parse_checks_reads_one_request_or_a_list() -> None:
     [one] = parse_checks("{path: /a, body: {base64: aGk=}}")
     assert one.attributes.request.http.raw_body == b"hi"

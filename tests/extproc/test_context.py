@@ -13,6 +13,9 @@ from google.protobuf import any_pb2, wrappers_pb2
 from calloutkit import CalloutContext, CalloutServer, Headers
 from calloutkit.testing import CalloutClient
 
+# No test here starts a server: each runs once, not per transport.
+pytestmark = pytest.mark.no_server
+
 EXT_PROC = "envoy.filters.http.ext_proc"
 
 

@@ -35,7 +35,7 @@ PER_ROUTE = {
 
 
 @pytest.fixture(scope="module")
-def envoy() -> Iterator[tuple[Envoy, UpstreamServer]]:
+def envoy(server_transport: str | None) -> Iterator[tuple[Envoy, UpstreamServer]]:
     loop = ServerLoop()
     server = load_example("request_context")(**LOOPBACK)
     loop.run(server.start())
@@ -138,6 +138,7 @@ def _routes(config: dict[str, Any]) -> list[dict[str, Any]]:
     return routes
 
 
+@pytest.mark.no_server
 def test_per_route_routes_come_first_in_order_then_the_catch_all() -> None:
     assert [r["match"]["prefix"] for r in _routes(envoy_config(1, 2))] == ["/"]
     routes = _routes(envoy_config(1, 2, per_route=PER_ROUTE))

@@ -94,6 +94,7 @@ def test_documented_flags_example_runs(tmp_path):
         stop_process(process)
 
 
+@pytest.mark.no_server
 def test_documented_imports():
     from envoy.service.ext_proc.v3.external_processor_pb2 import HeadersResponse, HttpHeaders
 
@@ -237,6 +238,7 @@ def test_port_0_keeps_the_configured_tuple_and_the_bound_port_is_in_port_attribu
         _stop(server, thread)
 
 
+@pytest.mark.no_server
 def test_documented_address_argparse_type() -> None:
     from extproc.service.command_line_tools import _addr, add_command_line_args
 

@@ -20,7 +20,7 @@ BUFFERED = {"request_body_mode": "BUFFERED", "response_body_mode": "BUFFERED"}
 
 
 @pytest.fixture(scope="module")
-def gateway() -> Iterator[Gateway]:
+def gateway(server_transport: str | None) -> Iterator[Gateway]:
     examples = {"basic": {}, "add_body": {}, "add_custom_response": {},
                 "observability": {"metrics_port": 0, "metrics_host": "127.0.0.1"}}
     # allow_all_routing: without it Envoy ignores basic's :authority rewrite

@@ -37,6 +37,7 @@ def bootstraps() -> list[tuple[str, str]]:
     return found
 
 
+@pytest.mark.no_server
 def test_every_example_has_a_page_linked_from_the_index() -> None:
     index = (GUIDE / "index.md").read_text()
     assert len(example_names()) >= 18
@@ -45,12 +46,14 @@ def test_every_example_has_a_page_linked_from_the_index() -> None:
         assert f"(examples/{name}.md)" in index, name
 
 
+@pytest.mark.no_server
 def test_every_page_linked_from_the_index_exists() -> None:
     index = (GUIDE / "index.md").read_text()
     for target in re.findall(r"\]\(([^)#]+\.md)\)", index):
         assert (GUIDE / target).resolve().is_file(), target
 
 
+@pytest.mark.no_server
 @pytest.mark.envoy
 @pytest.mark.parametrize(("where", "config"), bootstraps())
 def test_envoy_configs_in_the_docs_validate(where: str, config: str, tmp_path: Path) -> None:

@@ -213,7 +213,7 @@ class Gateway:
 # -- the harness's own tests ------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def two_examples() -> Iterable[Gateway]:
+def two_examples(server_transport: str | None) -> Iterable[Gateway]:
     with Gateway(["add_header", "update_header"]) as gateway:
         yield gateway
 

@@ -69,7 +69,7 @@ def _forwarding_cluster(config: dict[str, Any], backends: dict[str, UpstreamServ
 
 
 @pytest.fixture(scope="module")
-def gateway(jwt_keys: dict[str, Any],
+def gateway(server_transport: str | None, jwt_keys: dict[str, Any],
             backends: dict[str, UpstreamServer]) -> Iterator[Gateway]:
     examples = {
         "add_header": {}, "update_header": {}, "normalize_header": {}, "redirect": {},
@@ -151,6 +151,7 @@ def test_redirect_answers_301_without_calling_the_upstream(gateway: Gateway) -> 
     assert len(gateway.upstream.requests) == before
 
 
+@pytest.mark.no_server
 def test_redirect_rejects_a_target_that_is_not_a_url() -> None:
     with pytest.raises(ConfigError, match="REDIRECT_TO must be an http"):
         load_example("redirect")(plaintext_address=("127.0.0.1", 0), disable_tls=True,
@@ -243,6 +244,7 @@ def test_jwt_auth_rejects_bad_tokens_with_401(gateway: Gateway, jwt_keys: dict[s
     assert len(gateway.upstream.requests) == before
 
 
+@pytest.mark.no_server
 def test_jwt_auth_needs_its_public_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"mint_token\.py"):
         load_example("jwt_auth")(plaintext_address=("127.0.0.1", 0), disable_tls=True,

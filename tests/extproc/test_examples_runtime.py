@@ -39,7 +39,7 @@ def directory() -> Iterator[Any]:
 
 
 @pytest.fixture(scope="module")
-def gateway(directory: Any) -> Iterator[Gateway]:
+def gateway(server_transport: str | None, directory: Any) -> Iterator[Gateway]:
     examples = {"structured_logging": {"stream": LOG, "cloud_logging": False},
                 "request_timing": {},
                 "async_lookup": {"lookup_url": directory.url}}

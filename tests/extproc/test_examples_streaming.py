@@ -43,7 +43,7 @@ def reset_peak(pid: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def transform() -> Iterator[tuple[int, int]]:
+def transform(server_transport: str | None) -> Iterator[tuple[int, int]]:
     """``calloutkit serve examples/streaming_transform`` on a free port: (pid, port)."""
     process = spawn([sys.executable, "-m", "calloutkit", "serve",
                      "examples/streaming_transform", "--plaintext_address", "127.0.0.1:0",

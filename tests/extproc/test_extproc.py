@@ -18,6 +18,9 @@ from calloutkit import (
 )
 from calloutkit.testing import CalloutClient, StreamEnded, header_changes, header_removals
 
+# No test here starts a server: each runs once, not per transport.
+pytestmark = pytest.mark.no_server
+
 REQUEST = {":path": "/", ":method": "POST", "content-length": "5"}
 RESPONSE = {":status": "200", "content-length": "5"}
 

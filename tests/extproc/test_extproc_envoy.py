@@ -68,8 +68,13 @@ class Callout(CalloutServer):
 
 
 @pytest.fixture(params=["grpcio", "native"])
-async def callout(request: pytest.FixtureRequest) -> AsyncIterator[Callout]:
-    server = Callout(**LOOPBACK, transport=request.param)
+def transport(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+async def callout(transport: str) -> AsyncIterator[Callout]:
+    server = Callout(**LOOPBACK, transport=transport)
     await server.start()
     yield server
     await server.stop(1)
@@ -282,6 +287,7 @@ async def test_a_with_block_that_raises_leaves_nothing_behind(callout, upstream,
     assert os.listdir(temp_dir) == []
 
 
+@pytest.mark.no_server
 def test_an_envoy_that_exits_at_start_leaves_nothing_behind(upstream, temp_dir):
     config = envoy_config(free_port(), upstream.port)
     config["static_resources"]["listeners"][0]["address"]["socket_address"]["address"] = "nowhere"
@@ -292,6 +298,7 @@ def test_an_envoy_that_exits_at_start_leaves_nothing_behind(upstream, temp_dir):
     assert os.listdir(temp_dir) == []
 
 
+@pytest.mark.no_server
 def test_an_envoy_never_ready_is_stopped_and_leaves_nothing_behind(upstream, temp_dir):
     envoy = Envoy(envoy_config(free_port(), upstream.port))
     with pytest.raises(CalloutKitError, match="envoy did not become ready in 0s"):

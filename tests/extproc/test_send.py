@@ -37,7 +37,7 @@ class Refuser(CalloutServer):
 
 
 @pytest.fixture(scope="module")
-def servers(certs: Certs) -> Iterator[dict[str, CalloutServer]]:
+def servers(server_transport: str | None, certs: Certs) -> Iterator[dict[str, CalloutServer]]:
     """basic (plaintext and TLS), redirect and a refusing server, on a background loop."""
     loop = ServerLoop()
     running = {
@@ -134,6 +134,7 @@ def test_send_reports_a_grpc_error_with_status_and_details(
     assert last_line(result.stderr) == "calloutkit: error: gRPC PERMISSION_DENIED: no entry for you"
 
 
+@pytest.mark.no_server
 def test_send_reports_an_unreachable_server() -> None:
     result = send_cli(str(BASIC_STREAM), "--address", "127.0.0.1:1", "--timeout", "5")
     assert result.returncode == 1
@@ -150,6 +151,7 @@ def test_send_stops_after_an_immediate_response(servers: dict[str, CalloutServer
         in immediate["headers"]["set_headers"]
 
 
+@pytest.mark.no_server
 def test_a_malformed_description_gives_one_line_naming_the_problem(tmp_path: Path) -> None:
     bad = tmp_path / "stream.yaml"
     bad.write_text("messages:\n  - request_headers: {':path': /}\n  - request_bod: hi\n")
@@ -162,6 +164,7 @@ def test_a_malformed_description_gives_one_line_naming_the_problem(tmp_path: Pat
     assert "did you mean request_body?" in result.stderr
 
 
+@pytest.mark.no_server
 def test_l4_messages_without_l4_suggest_it() -> None:
     path = "examples/l4_block_command/connection.yaml"
     result = send_cli(path, "--address", "127.0.0.1:1")
@@ -172,6 +175,7 @@ def test_l4_messages_without_l4_suggest_it() -> None:
     assert "is a network (L4) message; send it with --l4" in result.stderr
 
 
+@pytest.mark.no_server
 @pytest.mark.parametrize(("text", "problem"), [
     ("messages: [", "line 1: not valid JSON or YAML"),
     ("42", "expected a list of messages or a mapping with 'messages', got int"),
@@ -209,6 +213,7 @@ def test_malformed_descriptions_are_rejected(text: str, problem: str) -> None:
 
 # -- what the description becomes ----------------------------------------------------------
 
+@pytest.mark.no_server
 def test_end_of_stream_and_body_modes_are_worked_out_as_envoy_sets_them() -> None:
     description = parse_stream("""
         messages:
@@ -236,6 +241,7 @@ def test_end_of_stream_and_body_modes_are_worked_out_as_envoy_sets_them() -> Non
     assert all(not r.HasField("protocol_config") for r in requests[1:])
 
 
+@pytest.mark.no_server
 def test_metadata_attributes_and_explicit_settings_are_kept() -> None:
     description = parse_stream(json.dumps({
         "protocol_config": {"request_body_mode": "FULL_DUPLEX_STREAMED"},
@@ -252,6 +258,7 @@ def test_metadata_attributes_and_explicit_settings_are_kept() -> None:
     assert not second.attributes
 
 
+@pytest.mark.no_server
 def test_stdin_is_read_for_a_dash(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sys, "stdin", io.StringIO("[{request_headers: {}}]"))
     assert read_source("-") == ("[{request_headers: {}}]", "<stdin>")
@@ -259,6 +266,7 @@ def test_stdin_is_read_for_a_dash(monkeypatch: pytest.MonkeyPatch) -> None:
         read_source("/no/such/file")
 
 
+@pytest.mark.no_server
 def test_bytes_that_are_not_text_stay_base64() -> None:
     from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 

@@ -17,6 +17,9 @@ from calloutkit.testing import (
     http_trailers,
 )
 
+# No test here starts a server: each runs once, not per transport.
+pytestmark = pytest.mark.no_server
+
 HEADERS = http_headers({"Content-Type": "application/json", "X-Token": "abc", ":path": "/p"})
 
 

@@ -16,6 +16,9 @@ from calloutkit import ConfigError, ErrorPolicy, nonblocking
 from calloutkit.network._server import NetworkCalloutServer, NetworkContext, ProcessingResult
 from calloutkit.testing import NetworkCalloutClient, StreamEnded, data_request
 
+# No test here starts a server: each runs once, not per transport.
+pytestmark = pytest.mark.no_server
+
 R = npb.ProcessingResponse
 
 

@@ -86,6 +86,7 @@ async def transform() -> AsyncIterator[Transform]:
     await server.stop(1)
 
 
+@pytest.mark.no_server
 def test_echo_server_queues_a_burst_of_connections_it_has_not_accepted_yet():
     # Envoy opens one upstream connection per client connection, all at once, while the echo
     # thread may be waiting for the GIL: the kernel must queue them all, or the SYNs it drops
@@ -306,6 +307,7 @@ async def test_abort_policy_with_failure_mode_allow_lets_the_rest_through(envoy_
         await server.stop(1)
 
 
+@pytest.mark.no_server
 @pytest.mark.parametrize("failure_mode_allow", [False, True])
 async def test_server_down(envoy_for, echo, failure_mode_allow):
     envoy = envoy_for(free_port(), failure_mode_allow=failure_mode_allow,

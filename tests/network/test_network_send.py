@@ -107,6 +107,7 @@ async def test_grpc_error_exits_non_zero_with_status_and_details(server, tmp_pat
     assert result.stderr.strip() == "calloutkit: error: gRPC INTERNAL: callout failed"
 
 
+@pytest.mark.no_server
 async def test_unreachable_server(tmp_path):
     path = tmp_path / "one.json"
     path.write_text('[{"read": "x"}]')
@@ -131,6 +132,7 @@ async def test_tls_with_a_ca(certs: Certs, tmp_path):
         await instance.stop(1)
 
 
+@pytest.mark.no_server
 @pytest.mark.parametrize(("content", "message"), [
     ("[{read: x", "not valid JSON or YAML"),
     ("[]", "expected a non-empty list of messages"),
@@ -152,6 +154,7 @@ def test_malformed_descriptions_say_what_is_wrong(content: str, message: str) ->
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.no_server
 def test_malformed_file_on_the_command_line_is_one_line_exit_2(tmp_path) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text("messages: [{read_data: a}, {write_data: [1]}]\n")

@@ -4,11 +4,12 @@ transport as the oracle where both can answer."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -23,14 +24,17 @@ from calloutkit import (
     AuthzServer,
     CalloutServer,
     ConfigError,
+    NetworkCalloutServer,
+    ProcessingResult,
     add_body_mutation,
     add_header_mutation,
     add_trailer_mutation,
     deny_request,
     get_header,
+    header_immediate_response,
 )
 from calloutkit.proxy import ProxyServer
-from calloutkit.testing import check_request, http_headers
+from calloutkit.testing import check_request, data_request, http_headers
 from calloutkit.tyk import Hook, Object, Plugin, PluginCall, TykPluginServer
 from calloutkit.tyk.testing import HttpRequest, request_object
 
@@ -443,3 +447,148 @@ async def test_a_client_pinging_every_second_keeps_an_idle_stream_on_native(tran
                 assert await stream.code() == grpc.StatusCode.OK
             else:
                 assert await asyncio.wait_for(stream.code(), 5) == grpc.StatusCode.UNAVAILABLE
+
+
+# -- recorded streams: the same messages, the same bytes back on either transport ------------
+
+class RecordedL7(Mutator):
+    """Mutator, plus an immediate response, an abort and a failure chosen by the path."""
+
+    async def on_request_headers(self, headers, context):
+        path = get_header(headers, ":path", "")
+        if path == "/deny":
+            return header_immediate_response(403, headers=[("x-denied", "1")], body="no\n")
+        if path == "/abort":
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "no entry for /abort")
+        if path == "/boom":
+            raise RuntimeError("secret internal detail")
+        context.set_trailing_metadata((("x-seen", path), ("x-trace-bin", b"\x00\x01")))
+        return add_header_mutation(add=[("x-path", path)])
+
+
+class RecordedL4(NetworkCalloutServer):
+    """Upper-cases client bytes, brackets upstream bytes; b"close" closes, b"boom" fails."""
+
+    def on_read_data(self, data, end_of_stream, context):
+        if data == b"close":
+            context.close_connection()
+            return None
+        if data == b"boom":
+            raise RuntimeError("secret internal detail")
+        if data == b"abort":
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, "no entry for this connection")
+        return ProcessingResult(processed_data=data.upper(), modified=True)
+
+    async def on_write_data(self, data, end_of_stream, context):
+        return (b"[" + data + b"]", True)
+
+
+def _tyk_reject(call: PluginCall) -> None:
+    call.reject(403, "not you", headers=[("x-why", "test")])
+
+
+def _tyk_fail(call: PluginCall) -> None:
+    raise RuntimeError("secret internal detail")
+
+
+class RecordedAuthz(Gate):
+    """Gate, plus an abort and a failure chosen by the path."""
+
+    def on_check(self, request, context):
+        if request.path == "/abort":
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "who are you")
+        if request.path == "/boom":
+            raise RuntimeError("secret internal detail")
+        return super().on_check(request, context)
+
+
+def _l7_streams() -> list[list[bytes]]:
+    def headers(path: str) -> bytes:
+        return pb.ProcessingRequest(request_headers=http_headers(
+            {":method": "GET", ":path": path})).SerializeToString()
+
+    return [[m.SerializeToString() for m in recorded_stream()],
+            [headers("/deny")], [headers("/abort")], [headers("/boom")],
+            [headers("/ok"), b"\xff\xff\xff garbage"]]
+
+
+def _l4_streams() -> list[list[bytes]]:
+    def chunk(direction: str, data: bytes, end: bool = False) -> bytes:
+        return data_request(direction, data, end).SerializeToString()
+
+    return [[chunk("read", b"hello"), chunk("write", b"world"), chunk("read", b"bye", True),
+             chunk("write", b"", True)],
+            [chunk("read", b"one"), chunk("read", b"close")],
+            [chunk("read", b"boom")], [chunk("read", b"abort")], [b"\xff\xff\xff garbage"]]
+
+
+def _tyk_calls() -> list[bytes]:
+    def dispatch(name: str, hook: Hook = Hook.PRE) -> bytes:
+        return request_object(hook, name, HttpRequest(headers=[("x-in", "abc")]),
+                              api_id="api-1").SerializeToString()
+
+    return [dispatch("tag"), dispatch("reject"), dispatch("fail"), dispatch("nobody"),
+            b"\xff\xff\xff garbage"]
+
+
+def _authz_calls() -> list[bytes]:
+    return [check_request(path=path).SerializeToString()
+            for path in ("/ok", "/deny", "/abort", "/boom")] + [b"\xff\xff\xff garbage"]
+
+
+# (server factory, method, recorded streams (bidi) or calls (unary)) per protocol
+RECORDED: dict[str, tuple[Callable[..., Any], str, bool, Callable[[], list[Any]]]] = {
+    "l7": (RecordedL7, METHOD, True, _l7_streams),
+    "l4": (RecordedL4, "/envoy.service.network_ext_proc.v3.NetworkExternalProcessor/Process",
+           True, _l4_streams),
+    "tyk": (lambda **kw: TykPluginServer(plugins=[Plugin("tag", tag), Plugin("reject", _tyk_reject),
+                                                  Plugin("fail", _tyk_fail)], **kw),
+            "/coprocess.Dispatcher/Dispatch", False, _tyk_calls),
+    "authz": (RecordedAuthz, "/envoy.service.auth.v3.Authorization/Check", False, _authz_calls),
+}
+
+
+async def _outcome(call: Any) -> tuple[Any, ...]:
+    return (await call.code(), await call.details(),
+            tuple(await call.trailing_metadata() or ()))
+
+
+async def replay(port: int, method: str, bidi: bool, recorded: list[Any]) -> list[Any]:
+    """Each recorded stream (or unary call) sent as Envoy or the gateway would: the replies'
+    bytes, then the final status, details and trailing metadata."""
+    out: list[Any] = []
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        for messages in recorded:
+            if not bidi:
+                call = channel.unary_unary(method)(messages, metadata=(("x-team", "blue"),),
+                                                   timeout=10)
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    out.append(await call)
+                out.append(await _outcome(call))
+                continue
+            call = channel.stream_stream(method)(metadata=(("x-team", "blue"),), timeout=10)
+            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                for message in messages:
+                    await call.write(message)
+                    reply = await call.read()
+                    if reply is grpc.aio.EOF:
+                        break
+                    out.append(reply)
+                await call.done_writing()
+            out.append(await _outcome(call))
+    return out
+
+
+@pytest.mark.parametrize("protocol", sorted(RECORDED))
+async def test_recorded_streams_get_byte_identical_replies_on_both_transports(
+        protocol: str) -> None:
+    factory, method, bidi, recorded = RECORDED[protocol]
+    seen = {}
+    for transport in TRANSPORTS:
+        async with running(factory(**LOOPBACK, transport=transport)) as server:
+            seen[transport] = await replay(server.plaintext_port, method, bidi, recorded())
+    assert seen["native"] == seen["grpcio"]
+    statuses = [item[0] for item in seen["native"] if isinstance(item, tuple)]
+    assert len(statuses) == 5
+    assert grpc.StatusCode.OK in statuses and len(set(statuses)) >= 2  # errors were recorded
+    assert all("secret" not in str(item) for item in seen["native"])

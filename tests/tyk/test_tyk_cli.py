@@ -141,6 +141,7 @@ async def test_a_malformed_payload_is_refused_locally_or_reported_by_the_server(
     assert events == []
 
 
+@pytest.mark.no_server
 @pytest.mark.parametrize(("argv", "message"), [
     (["--name", "x", "--header", "nocolon"], "--header 'nocolon': expected NAME:VALUE"),
     (["--name", "x", "--hook", "prequel"], "--hook: unknown hook 'prequel'"),
@@ -160,6 +161,7 @@ def test_bad_input_is_one_line_and_exit_2(capsys: pytest.CaptureFixture[str], ar
     assert message in err and err.count("\n") == 1
 
 
+@pytest.mark.no_server
 def test_an_unreachable_server_exits_1_with_the_status(capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["tyk", "dispatch", "-t", f"127.0.0.1:{free_port()}", "--name", "x",
                  "--timeout", "10"])
@@ -200,6 +202,7 @@ def test_a_target_without_a_port_is_one_line_exit_2(command: list[str], target: 
         f"calloutkit: error: --target: address {host!r} has no port (expected HOST:PORT)"]
 
 
+@pytest.mark.no_server
 @pytest.mark.parametrize("command", [["tyk"], ["tyk", "dispatch"], ["tyk", "dispatch-event"]])
 def test_help_is_plain_text_without_rest_markup(command: list[str]) -> None:
     result = run_cli(*command, "--help")

@@ -225,6 +225,7 @@ async def test_target_forms(plugins: TykPluginServer, form: str) -> None:
     assert outcome.request.header("Testheader") == "testvalue"
 
 
+@pytest.mark.no_server
 @pytest.mark.parametrize("form", ["127.0.0.1:{port}", "[::1]:{port}", "://invalid"])
 def test_targets_the_gateways_url_parse_refuses(form: str) -> None:
     # An IP literal without a scheme: Go's url.Parse fails, and Tyk starts with no plugin
@@ -276,6 +277,7 @@ async def test_header_sync(case: str) -> None:
     assert got == [(key, value) for key, values in expected for value in values]
 
 
+@pytest.mark.no_server
 def test_canonical_header_keys() -> None:
     assert canonical_header_key("x-config-data") == "X-Config-Data"
     assert canonical_header_key("SET-COOKIE") == "Set-Cookie"
@@ -373,6 +375,7 @@ async def test_path_rewrite_keeps_the_query() -> None:
 
 
 # "/with space" is not here: Go accepts it (and escapes it to /with%20space).
+@pytest.mark.no_server
 @pytest.mark.parametrize("bad", ["", "relative/path", "/bad%zz", "http://[::1/x"])
 def test_url_must_parse_as_a_request_uri(bad: str) -> None:
     from calloutkit.tyk.testing import request_object
@@ -459,6 +462,7 @@ async def test_response_error_wins_and_an_empty_message_says_key_not_authorised(
         "error": "Key not authorised"}
 
 
+@pytest.mark.no_server
 def test_reject_and_respond_validate_their_input() -> None:
     from calloutkit.tyk.testing import request_object
 
@@ -513,6 +517,7 @@ async def test_authorize_sets_the_session_and_token_and_undoes_a_reject() -> Non
     assert outcome.session.metadata["token"] == "key-1"
 
 
+@pytest.mark.no_server
 def test_authorize_rejects_unknown_fields_and_empty_tokens() -> None:
     from calloutkit.tyk.testing import request_object
 
@@ -656,6 +661,7 @@ class ReturnsUrl(TykPluginServer):
         return bytes(obj.SerializeToString())
 
 
+@pytest.mark.no_server
 @pytest.mark.parametrize("url", ["/a%zz", "http://[::1/x", "relative", "/a\x7f", ""])
 async def test_a_url_go_refuses_is_a_middleware_error(url: str) -> None:
     async with Gateway(ReturnsUrl(url)) as gateway:
@@ -730,6 +736,7 @@ async def test_a_reply_over_the_gateways_receive_limit_is_a_middleware_error(
 # -- statuses Go's WriteHeader can write ------------------------------------------------------
 
 
+@pytest.mark.no_server
 @pytest.mark.parametrize("status", [0, 42, 99, 100, 101, 199, 1000])
 def test_helpers_refuse_statuses_go_cannot_answer_with(status: int) -> None:
     from calloutkit.tyk.testing import request_object, response_object

@@ -223,6 +223,7 @@ async def test_event_logger_logs_by_type_and_audits_by_handler_name(
     assert "demo-gold-key" not in caplog.text
 
 
+@pytest.mark.no_server
 def test_every_example_folder_has_a_test() -> None:
     tested = {"logging", "header_injection", "auth_check", "reject", "response_transform",
               "event_logger"}

@@ -69,6 +69,7 @@ REQUEST_URIS: list[tuple[str, str | None, str]] = [
 ]
 
 
+@pytest.mark.no_server
 @pytest.mark.parametrize(("url", "error", "request_uri"), REQUEST_URIS,
                          ids=[repr(case[0]) for case in REQUEST_URIS])
 def test_check_request_uri_gives_go_verdicts(url: str, error: str | None,
@@ -98,6 +99,7 @@ def test_parse_url_reads_gateway_targets_as_go_does(target: str, error: str | No
             parse_url(target)
 
 
+@pytest.mark.no_server
 def test_query_parse_and_encode_follow_url_values() -> None:
     # `;` pairs and bad escapes are dropped; values keep their order; keys sort on encode.
     values = parse_query("b=2&a=1;x=9&b=1&c=%zz&d&e=x+y")

@@ -3,9 +3,14 @@ differ only in case as one header, and so must every lookup calloutkit makes in 
 
 from __future__ import annotations
 
+import pytest
+
 from calloutkit.tyk import Headers, Hook, Object, PluginCall
 from calloutkit.tyk._headers import named
 from calloutkit.tyk.testing import HttpResponse
+
+# No test here starts a server: each runs once, not per transport.
+pytestmark = pytest.mark.no_server
 
 
 def test_named_matches_every_spelling_and_nothing_else() -> None:

@@ -8,9 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from google.protobuf import descriptor
 
 from calloutkit.tyk import Event, EventReply, Object, SessionState, codegen
+
+# No test here starts a server: each runs once, not per transport.
+pytestmark = pytest.mark.no_server
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -240,6 +240,7 @@ async def test_reflection_lists_the_dispatcher_and_health_is_serving(serve: Any)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
+@pytest.mark.no_server
 def test_plaintext_by_default_without_a_tls_warning(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING):
         server = TykPluginServer(plaintext_port=0, combined_health_check=True)
@@ -249,6 +250,7 @@ def test_plaintext_by_default_without_a_tls_warning(caplog: pytest.LogCaptureFix
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
+@pytest.mark.no_server
 def test_tls_only_when_a_certificate_is_given(certs: Certs) -> None:
     server = TykPluginServer(plaintext_port=0, port=0, combined_health_check=True,
                              cert_chain_path=certs.cert_path, private_key_path=certs.key_path)
@@ -259,6 +261,7 @@ def test_tls_only_when_a_certificate_is_given(certs: Certs) -> None:
     assert from_env.config.secure_address is not None
 
 
+@pytest.mark.no_server
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"plugins": [Plugin("a", tag), Plugin("a", observe)]}, "'a' is registered twice"),
     ({"plugins": [Plugin("a", tag, hook="pre"), Plugin("a", tag, hook=1)]},
@@ -272,6 +275,7 @@ def test_configuration_errors(kwargs: dict[str, Any], message: str) -> None:
         TykPluginServer(**LOCAL, **kwargs)
 
 
+@pytest.mark.no_server
 def test_plugin_validation() -> None:
     with pytest.raises(ConfigError, match="unknown hook 'prequel'"):
         Plugin("a", tag, hook="prequel")
@@ -613,10 +617,12 @@ async def test_a_call_in_flight_finishes_during_drain() -> None:
         await client.channel.close()
 
 
+@pytest.mark.no_server
 def test_session_state_helper_is_the_generated_message() -> None:
     assert SessionState.DESCRIPTOR.full_name == "coprocess.SessionState"
 
 
+@pytest.mark.no_server
 def test_public_surface_is_sorted_and_documented() -> None:
     import inspect
 
