@@ -325,7 +325,7 @@ async def test_calloutkit_send_against_a_native_server() -> None:
 
 
 def test_bad_transport_and_unservable_kinds_are_config_errors() -> None:
-    with pytest.raises(ConfigError, match="transport must be one of grpcio, native"):
+    with pytest.raises(ConfigError, match="transport must be one of auto, grpcio, native"):
         Mutator(**LOOPBACK, transport="quic")
     with pytest.raises(ConfigError, match="got 'quic'"):
         Mutator(**LOOPBACK, environ={"CALLOUTKIT_TRANSPORT": "quic"})

@@ -16,8 +16,9 @@ Health is NOT_SERVING also while every thread of the callback pool is stuck in a
 callback past ``callback_timeout`` (see `CallbackPool`), and SERVING again when one returns.
 
 Two transports serve the same method table: grpc.aio (``transport="grpcio"``, the default) and
-the compiled one in `calloutkit._native` (``transport="native"``; its Python side is
-`._native`), which also sends GOAWAY on every open connection when the refusing begins.
+the compiled one in `calloutkit_native` (``transport="native"``, the calloutkit-native
+distribution; its Python side is `._native`), which also sends GOAWAY on every open connection
+when the refusing begins. ``transport="auto"`` takes native wherever it can serve.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 if TYPE_CHECKING:
-    from calloutkit._native import Server
+    from calloutkit_native import Server
 
 from . import _native
 from ._config import (
@@ -591,7 +592,7 @@ class BaseServer(abc.ABC):
         self._loop = asyncio.get_running_loop()
         self._idle = asyncio.Event()
         self._stopped = asyncio.Event()
-        if self.config.transport == "native":
+        if self.config.transport == "native" and not self._auto_falls_back():
             await self._start_native()
             return
         server = grpc.aio.server(options=self._grpc_options())
@@ -696,6 +697,19 @@ class BaseServer(abc.ABC):
                                       "native transport does not serve: use transport='grpcio'")
         return methods
 
+    def _auto_falls_back(self) -> bool:
+        """Whether transport=auto, having chosen native, must serve on grpcio: this server's
+        methods are ones the native transport cannot serve (a proxy's catch-all handler)."""
+        if not self.config.transport_auto:
+            return False
+        try:
+            self._native_methods(asyncio.get_running_loop())
+        except ConfigError as exc:
+            logger.info("transport=auto: serving on grpcio, %s",
+                        str(exc).partition(": use transport=")[0])
+            return True
+        return False
+
     def _native_health(self, data: bytes, context: Any) -> bytes:
         """grpc.health.v1 ``Check``, answered on the transport thread."""
         service = health_pb2.HealthCheckRequest.FromString(data).service
@@ -706,7 +720,7 @@ class BaseServer(abc.ABC):
         return bytes(health_pb2.HealthCheckResponse(status=status).SerializeToString())
 
     async def _start_native(self) -> None:
-        from calloutkit._native import Server
+        from calloutkit_native import Server
 
         cfg = self.config
         loop = asyncio.get_running_loop()
