@@ -22,6 +22,7 @@ from ..runtime._config import (
     DEFAULT_TRANSPORT,
     ENV_PREFIX,
     NATIVE_INSTALL,
+    NATIVE_MODULE,
     PATH_DEFAULTS,
     SERVER_OPTIONS,
     env_value,
@@ -191,7 +192,9 @@ def _version() -> str:
     """calloutkit's version, and which transports this installation can serve on."""
     missing = native_unavailable()
     if missing is None:
-        transports = f"grpcio, native (calloutkit-native {metadata.version('calloutkit-native')})"
+        # The module's own version: it may be importable without installed metadata.
+        native = sys.modules[NATIVE_MODULE].__version__
+        transports = f"grpcio, native (calloutkit-native {native})"
     else:
         transports = f"grpcio; native unavailable: {missing} ({NATIVE_INSTALL})"
     default = DEFAULT_TRANSPORT
