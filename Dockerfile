@@ -12,6 +12,7 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 \
     CARGO_HOME=/usr/local/cargo RUSTUP_HOME=/usr/local/rustup PATH=/usr/local/cargo/bin:$PATH
 COPY --from=rust:1.95-slim-bookworm /usr/local/cargo /usr/local/cargo
 COPY --from=rust:1.95-slim-bookworm /usr/local/rustup /usr/local/rustup
+# Unpinned (DL3008): the base image pins the Debian release, whose gcc gets fixes only.
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev \
