@@ -2,19 +2,32 @@
 # (SERVER is a folder with a server.py, or one .py file; the default is an example). See
 # docs/deploy.md. tests/test_deploy.py lints this file and runs its command outside a container.
 
-# -- build: calloutkit and its dependencies into a virtual environment --------------------------
+# -- build: calloutkit, the native transport and their dependencies into a virtual environment
 FROM python:3.11-slim-bookworm AS build
 
-ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
+# The native transport (native/, the calloutkit-native distribution) is Rust: the toolchain
+# comes from the official Rust image, and gcc links the extension. None of it reaches the
+# run stage, which gets the built environment only.
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 \
+    CARGO_HOME=/usr/local/cargo RUSTUP_HOME=/usr/local/rustup PATH=/usr/local/cargo/bin:$PATH
+COPY --from=rust:1.95-slim-bookworm /usr/local/cargo /usr/local/cargo
+COPY --from=rust:1.95-slim-bookworm /usr/local/rustup /usr/local/rustup
+# Unpinned (DL3008): the base image pins the Debian release, whose gcc gets fixes only.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 RUN python -m venv /opt/calloutkit
 COPY pyproject.toml README.md ./
 COPY src ./src
-# Dependencies, and the build backend, at the versions the test suite ran with: the dev lock
+COPY native ./native
+# Dependencies, and the build backends, at the versions the test suite ran with: the dev lock
 # pins them (with hashes, which constraints cannot carry, so only the pins are taken from it).
+# calloutkit-native comes from its folder; the `native` extra then finds it installed.
 COPY requirements/dev.lock ./requirements/
 RUN sed -n 's/^\([A-Za-z0-9._-]*==[^ ;]*\).*/\1/p' requirements/dev.lock > constraints.txt \
-    && PIP_CONSTRAINT=/src/constraints.txt /opt/calloutkit/bin/pip install ".[fast]"
+    && PIP_CONSTRAINT=/src/constraints.txt /opt/calloutkit/bin/pip install ./native ".[fast,native]"
 
 # -- run: the environment, the server, no build tools, not root ---------------------------------
 FROM python:3.11-slim-bookworm

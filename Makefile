@@ -1,6 +1,7 @@
 # Two entry points: `make demo` (the main job) and `make test` (what CI runs).
 # Everything installs into ./.venv from PyPI; nothing else is needed but Python 3.11+ and a
-# Rust toolchain (cargo), which builds the native transport (native/) during the install.
+# Rust toolchain (cargo), which builds the native transport (native/, the calloutkit-native
+# distribution) during the install. Without Rust, `pip install calloutkit` runs on grpc.aio.
 # Every install comes from requirements/*.lock (exact versions with hashes), so a fresh
 # machine gets the same versions every time; `make lock` refreshes the locks.
 PYTHON ?= python3
@@ -8,16 +9,21 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint install clean protos lock bench bench-instructions
+.PHONY: demo test lint install clean protos lock bench bench-instructions wheels
 
-# The build backend comes from the lock too (--no-build-isolation), so installing calloutkit
-# itself fetches nothing unpinned.
-$(STAMP): pyproject.toml requirements/dev.lock native/Cargo.toml native/Cargo.lock $(wildcard native/src/*.rs)
+# Both distributions editable: calloutkit (pure Python, setuptools) and calloutkit-native
+# (native/, maturin, a release build). The build backends come from the lock too
+# (--no-build-isolation), so installing them fetches nothing unpinned. calloutkit-native is
+# not in the lock: it is built here from its folder, and a directory has no hash to check.
+# (The rm: the module older checkouts built inside src/, now a distribution of its own.)
+$(STAMP): pyproject.toml requirements/dev.lock native/pyproject.toml native/Cargo.toml \
+		native/Cargo.lock native/calloutkit_native.pyi $(wildcard native/src/*.rs)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --require-hashes \
 		-r requirements/dev.lock
+	rm -f src/calloutkit/_native.*so
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps \
-		--no-build-isolation -e .
+		--no-build-isolation -e . -e ./native
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -43,6 +49,16 @@ lock: $(STAMP)
 	$(LOCK) pyproject.toml requirements/tools.in --extra dev --extra examples --extra fast --extra metrics --extra otel \
 		-o requirements/dev.lock
 	$(LOCK) requirements/bench.in -c requirements/dev.lock -o requirements/bench.lock
+
+# The two wheels into $(DIST): calloutkit (pure Python, any platform) and calloutkit-native
+# (abi3: one wheel per platform serves every Python >= 3.11; release build, reusing
+# native/target). Installing them needs no Rust toolchain: `pip install dist/*.whl`.
+# (build/ goes first: setuptools would pack a module deleted since the last build.)
+DIST ?= dist
+wheels: $(STAMP)
+	rm -rf build
+	$(BIN)/python -m pip wheel --quiet --disable-pip-version-check --no-deps \
+		--no-build-isolation --wheel-dir $(DIST) . ./native
 
 # Regenerate src/calloutkit/_generated/coprocess from proto/coprocess/*.proto (Tyk plugins).
 protos: $(STAMP)

@@ -121,3 +121,12 @@ def test_the_tree_names_each_part() -> None:
     assert folders == {*MAY_IMPORT, "_generated"}
     loose = sorted(p.name for p in PACKAGE.glob("*.py"))
     assert loose == ["__init__.py", "__main__.py", "tools.py"]
+
+
+def test_the_native_module_is_the_runtime_s_alone() -> None:
+    """calloutkit_native (the calloutkit-native distribution) may be missing: one module
+    imports it, after the transport was chosen; everything else asks `_config`."""
+    users = sorted(name for name, path in FILES.items()
+                   if any(m.split(".")[0] == "calloutkit_native" for m in _imports(path)))
+    assert users == ["calloutkit.runtime._server"]
+    assert not (PACKAGE / "_native.pyi").exists()  # the stub ships with calloutkit-native

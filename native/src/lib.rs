@@ -1,5 +1,6 @@
 //! calloutkit's native gRPC transport: HTTP/2 (h2 on tokio, TLS by rustls) in one thread per
-//! server, calling Python once per message. The Python side is `calloutkit.runtime._native`.
+//! server, calling Python once per message. The Python side is `calloutkit.runtime._native`;
+//! the module is `calloutkit_native`, the calloutkit-native distribution (native/pyproject.toml).
 
 mod grpc;
 mod tls;
@@ -50,7 +51,7 @@ pub struct CallState {
 
 /// One call (a stream or a unary call) as Python sees it: its request metadata, and the way
 /// back for an answer completed away from the transport thread. Safe from any thread.
-#[pyclass(frozen, module = "calloutkit._native")]
+#[pyclass(frozen, module = "calloutkit_native")]
 pub struct Call {
     state: Arc<CallState>,
 }
@@ -146,7 +147,7 @@ impl Call {
 }
 
 /// A gRPC server on its own transport thread.
-#[pyclass(module = "calloutkit._native")]
+#[pyclass(module = "calloutkit_native")]
 pub struct Server {
     shared: Arc<transport::Shared>,
     listeners: Vec<transport::Listener>,
@@ -437,7 +438,7 @@ impl Drop for Server {
 }
 
 #[pymodule]
-fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+fn calloutkit_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<Server>()?;
     m.add_class::<Call>()?;

@@ -12,6 +12,7 @@ import urllib.request
 from collections.abc import Iterator
 from types import SimpleNamespace
 
+import calloutkit_native
 import grpc
 import pytest
 from conftest import LOOPBACK, Certs, free_port, read_until, spawn, stop_process
@@ -168,7 +169,10 @@ def documented(certs: Certs) -> Iterator[DocumentedCalloutServer]:
 
 def test_documented_attributes_and_helpers(documented: DocumentedCalloutServer) -> None:
     server = documented
-    assert isinstance(server._callout_server, grpc.aio.Server)
+    if server.config.transport == "grpcio":
+        assert isinstance(server._callout_server, grpc.aio.Server)
+    else:
+        assert isinstance(server._callout_server, calloutkit_native.Server)
     assert server._health_check_server is not None
     assert server.address == server.secure_address == ("127.0.0.1", server.secure_port)
     assert server.plaintext_address == ("127.0.0.1", server.plaintext_port)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import subprocess
@@ -330,7 +331,7 @@ async def test_calloutkit_send_against_a_native_server() -> None:
 
 
 def test_bad_transport_and_unservable_kinds_are_config_errors() -> None:
-    with pytest.raises(ConfigError, match="transport must be one of grpcio, native"):
+    with pytest.raises(ConfigError, match="transport must be one of auto, grpcio, native"):
         Mutator(**LOOPBACK, transport="quic")
     with pytest.raises(ConfigError, match="got 'quic'"):
         Mutator(**LOOPBACK, environ={"CALLOUTKIT_TRANSPORT": "quic"})
@@ -367,6 +368,40 @@ async def test_a_proxy_cannot_run_on_the_native_transport() -> None:
     server = ProxyServer(director=nowhere, **NATIVE)
     with pytest.raises(ConfigError, match="use transport='grpcio'"):
         await server.start()
+
+
+async def test_auto_serves_on_native_where_it_is_installed(caplog) -> None:
+    caplog.set_level(logging.INFO, logger="calloutkit")
+    server = Mutator(**LOOPBACK, transport="auto")
+    assert (server.config.transport, server.config.transport_auto) == ("native", True)
+    async with running(server):
+        assert server._native is not None
+        replies = await raw_replies(server.plaintext_port, recorded_stream()[:1])
+    assert pb.ProcessingResponse.FromString(replies[0]).HasField("request_headers")
+    assert "transport=auto" not in caplog.text
+
+
+def test_auto_takes_grpcio_for_an_option_native_does_not_serve_and_says_so(caplog) -> None:
+    caplog.set_level(logging.INFO, logger="calloutkit")
+    server = Mutator(**LOOPBACK, transport="auto", stream_idle_timeout=5)
+    assert (server.config.transport, server.config.transport_auto) == ("grpcio", False)
+    (record,) = [r for r in caplog.records if "transport=auto" in r.getMessage()]
+    assert record.levelno == logging.INFO
+    assert record.getMessage() == ("transport=auto: serving on grpcio, the native transport "
+                                   "does not support stream_idle_timeout yet")
+
+
+async def test_auto_runs_a_proxy_on_grpcio_and_says_why(caplog) -> None:
+    async def nowhere(method, context, peeker):
+        return None
+
+    caplog.set_level(logging.INFO, logger="calloutkit")
+    server = ProxyServer(director=nowhere, **{**NATIVE, "transport": "auto"})
+    async with running(server):
+        assert server._native is None and server._grpc is not None
+    (line,) = [r.getMessage() for r in caplog.records if "transport=auto" in r.getMessage()]
+    assert line == ("transport=auto: serving on grpcio, ProxyServer serves methods the native "
+                    "transport cannot (a catch-all handler)")
 
 
 @pytest.fixture

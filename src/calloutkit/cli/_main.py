@@ -15,9 +15,20 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from importlib import metadata
 from typing import Any, NoReturn
 
-from ..runtime._config import ENV_PREFIX, PATH_DEFAULTS, SERVER_OPTIONS, env_value, parse_address
+from ..runtime._config import (
+    DEFAULT_TRANSPORT,
+    ENV_PREFIX,
+    NATIVE_INSTALL,
+    NATIVE_MODULE,
+    PATH_DEFAULTS,
+    SERVER_OPTIONS,
+    env_value,
+    native_unavailable,
+    parse_address,
+)
 from ..runtime._errors import CalloutKitError, ConfigError, TargetError
 from ..runtime._logging import logging_context
 
@@ -177,9 +188,39 @@ def _configure_logging(level: str, log_format: str) -> None:
         logging.basicConfig(level=level, format=_TEXT_FORMAT)
 
 
+def _version() -> str:
+    """calloutkit's version, and which transports this installation can serve on."""
+    missing = native_unavailable()
+    if missing is None:
+        # The module's own version: it may be importable without installed metadata.
+        native = sys.modules[NATIVE_MODULE].__version__
+        transports = f"grpcio, native (calloutkit-native {native})"
+    else:
+        transports = f"grpcio; native unavailable: {missing} ({NATIVE_INSTALL})"
+    default = DEFAULT_TRANSPORT
+    if default == "auto":
+        default += f" (here: {'grpcio' if missing else 'native'})"
+    return (f"calloutkit {metadata.version('calloutkit')}\n"
+            f"transports: {transports}; default: {default}")
+
+
+class _VersionAction(argparse.Action):
+    """``--version``, worked out only when asked: it loads the native module to tell."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        print(_version())
+        parser.exit()
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="calloutkit", description="Build, test and run API-gateway "
                             "callout servers.")
+    parser.add_argument("--version", action=_VersionAction,
+                        help="print the version and the transports available here, and exit")
     parser.add_argument("--log-level", default=_env_choice("LOG_LEVEL", "INFO", _LOG_LEVELS),
                         choices=_LOG_LEVELS, type=str.upper,
                         help="logging threshold (default INFO); also after the subcommand")

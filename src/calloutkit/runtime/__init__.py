@@ -14,8 +14,8 @@
 - `_idle`: a stream waiting for its next message (`stream_idle_timeout`, drain).
 - `_logging`: a stream's ids on log records, and the JSON log format.
 - `_tracing`: OpenTelemetry spans, as a middleware (opentelemetry is imported there only).
-- `_native`: the Python side of the native transport (``calloutkit._native``, built from
-  ``native/``).
+- `_native`: the Python side of the native transport (``calloutkit_native``, the
+  calloutkit-native distribution built from ``native/``).
 
 Users import these names from `calloutkit`.
 """

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
+import importlib
 import importlib.util
 import logging
 import math
@@ -56,6 +58,12 @@ class Unset(enum.Enum):
 # explicit False, 0 or None is a choice the environment must not undo.
 UNSET: Final = Unset.UNSET
 
+#: ``transport`` when none is given: native where calloutkit-native is installed, else grpcio.
+DEFAULT_TRANSPORT: Final = "auto"
+#: The native transport: the calloutkit-native distribution, `calloutkit[native]`.
+NATIVE_MODULE: Final = "calloutkit_native"
+NATIVE_INSTALL: Final = "pip install 'calloutkit[native]'"
+
 # Every server option: (name, kind, help). The kind drives flag types and environment parsing;
 # kinds are address | int | float | bool | str | path.
 SERVER_OPTIONS: tuple[tuple[str, str, str], ...] = (
@@ -95,10 +103,12 @@ SERVER_OPTIONS: tuple[tuple[str, str, str], ...] = (
     ("reflection", "bool", "serve gRPC reflection"),
     ("workers", "int", "worker processes sharing the ports (Linux; needs fixed ports)"),
     ("event_loop", "str", "event loop of run(): auto (uvloop when installed), uvloop, asyncio"),
-    ("transport", "str", "gRPC transport: grpcio (default) or native (compiled, faster)"),
+    ("transport", "str", "gRPC transport: auto (native when calloutkit-native is installed, "
+                         "else grpcio), grpcio or native (compiled, faster); default "
+                         f"{DEFAULT_TRANSPORT}"),
 )
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
-TRANSPORTS = ("grpcio", "native")
+TRANSPORTS = ("auto", "grpcio", "native")
 PATH_DEFAULTS = {"cert_chain_path": DEFAULT_CERT_CHAIN_PATH,
                  "private_key_path": DEFAULT_PRIVATE_KEY_PATH}
 _TRUE = {"1", "true", "yes", "on"}
@@ -265,7 +275,10 @@ class ServerConfig:
     client_ca_path: str | None = None
     drain_delay: float = 0.0
     callback_timeout: float | None = DEFAULT_CALLBACK_TIMEOUT  # None: no limit
-    transport: str = "grpcio"
+    transport: str = "grpcio"  # resolved: "grpcio" or "native"
+    # transport="auto" chose native: a server whose methods native cannot serve (a catch-all
+    # handler) falls back to grpcio at start instead of failing.
+    transport_auto: bool = False
     metrics: bool = False  # resolved: prometheus-client is there and /metrics has a listener
     metrics_address: Address | None = None  # None: /metrics on the health listener
     tracing: bool = False
@@ -394,7 +407,7 @@ class ServerConfig:
             raise ConfigError("tracing needs OpenTelemetry: pip install 'calloutkit[otel]'")
         if max_message_size < 1024:
             raise ConfigError(f"max_message_size must be >= 1024 bytes, got {max_message_size}")
-        transport = _transport(transport)
+        transport, transport_auto = _transport(transport)
         return cls(secure, plain, health, secure_health_check, chain, key, server_thread_count,
                    float(grace_period), int(max_message_size), bool(reflection), workers,
                    _event_loop(event_loop),
@@ -403,7 +416,7 @@ class ServerConfig:
                    cert_chain_path if chain is not None and cert_chain is None else None,
                    private_key_path if key is not None and private_key is None else None,
                    client_ca_path, float(drain_delay), float(callback_timeout) or None,
-                   transport, metrics, metrics_at, bool(tracing))
+                   transport, transport_auto, metrics, metrics_at, bool(tracing))
 
 
 def _otel_installed() -> bool:
@@ -459,14 +472,38 @@ def _event_loop(choice: str | None) -> str:
     return "uvloop" if installed else "asyncio"
 
 
-def _transport(choice: str | None) -> str:
-    choice = "grpcio" if choice is None else str(choice).lower()
+def _transport(choice: str | None) -> tuple[str, bool]:
+    """The transport to serve on, and whether ``auto`` chose it. ``auto`` takes native when
+    calloutkit-native loads, else grpcio, saying why in one INFO line; an explicit ``native``
+    that cannot be had is an error."""
+    choice = DEFAULT_TRANSPORT if choice is None else str(choice).lower()
     if choice not in TRANSPORTS:
         raise ConfigError(f"transport must be one of {', '.join(TRANSPORTS)}, got {choice!r}")
-    if choice == "native" and importlib.util.find_spec("calloutkit._native") is None:
-        raise ConfigError("transport=native but calloutkit._native is not built: reinstall "
-                          "calloutkit from a wheel, or from source with a Rust toolchain")
-    return choice
+    if choice == "grpcio":
+        return choice, False
+    missing = native_unavailable()
+    if choice == "native":
+        if missing is not None:
+            raise ConfigError(f"transport=native but {missing}: {NATIVE_INSTALL}")
+        return choice, False
+    if missing is not None:
+        logger.info("transport=auto: serving on grpcio, %s (for the native transport: %s)",
+                    missing, NATIVE_INSTALL)
+        return "grpcio", False
+    return "native", True
+
+
+@functools.cache
+def native_unavailable() -> str | None:
+    """Why the native transport cannot be had here (one phrase), or None when it can."""
+    try:
+        importlib.import_module(NATIVE_MODULE)
+    except ImportError as exc:
+        if exc.name == NATIVE_MODULE:
+            return "calloutkit-native is not installed"
+        # Installed but unloadable (a wheel for another platform, a missing library).
+        return f"{NATIVE_MODULE} does not load ({exc})"
+    return None
 
 
 def _listener(address: Any, port: int | None, ip: str, default_port: int,

@@ -1,8 +1,8 @@
 """The Python side of the native transport (``transport="native"``).
 
-The transport (`calloutkit._native`, Rust) runs HTTP/2 on one thread of its own and calls
-Python once per message, with the GIL taken for that call only. What it calls is built here
-from the same method table grpc.aio serves:
+The transport (`calloutkit_native`, Rust: the calloutkit-native distribution) runs HTTP/2 on
+one thread of its own and calls Python once per message, with the GIL taken for that call
+only. What it calls is built here from the same method table grpc.aio serves:
 
 - a bidi ``Process`` method made by `BaseServer._stream_function`: per stream, an object whose
   ``on_message(bytes)`` runs the protocol's answer function and returns the reply's bytes,

@@ -16,8 +16,9 @@ Health is NOT_SERVING also while every thread of the callback pool is stuck in a
 callback past ``callback_timeout`` (see `CallbackPool`), and SERVING again when one returns.
 
 Two transports serve the same method table: grpc.aio (``transport="grpcio"``, the default) and
-the compiled one in `calloutkit._native` (``transport="native"``; its Python side is
-`._native`), which also sends GOAWAY on every open connection when the refusing begins.
+the compiled one in `calloutkit_native` (``transport="native"``, the calloutkit-native
+distribution; its Python side is `._native`), which also sends GOAWAY on every open connection
+when the refusing begins. ``transport="auto"`` takes native wherever it can serve.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 if TYPE_CHECKING:
-    from calloutkit._native import Server
+    from calloutkit_native import Server
 
 from . import _native
 from ._config import (
@@ -370,9 +371,10 @@ class BaseServer(abc.ABC):
         return self._http_health
 
     @property
-    def _callout_server(self) -> grpc.aio.Server | None:
-        # The documented server's name for its gRPC server: None until started.
-        return self._grpc
+    def _callout_server(self) -> Any:
+        # The documented server's name for its gRPC server: None until started; the
+        # grpc.aio.Server on grpcio, the native transport's Server on native.
+        return self._grpc if self._native is None else self._native
 
     # -- what a server kind provides -----------------------------------------------------
 
@@ -609,7 +611,7 @@ class BaseServer(abc.ABC):
         self._loop = asyncio.get_running_loop()
         self._idle = asyncio.Event()
         self._stopped = asyncio.Event()
-        if self.config.transport == "native":
+        if self.config.transport == "native" and not self._auto_falls_back():
             await self._start_native()
             return
         server = grpc.aio.server(options=self._grpc_options())
@@ -712,10 +714,11 @@ class BaseServer(abc.ABC):
         leave = metrics.stream_ended if metrics is not None else None
         timeout = self.config.stream_idle_timeout
         idle = None if timeout is None else (timeout, idle_message(timeout))
+        unservable = self._native_unservable()
+        if unservable is not None:
+            raise ConfigError(f"{unservable}: use transport='grpcio'")
         for service, handlers in self._handlers():
-            if isinstance(handlers, grpc.GenericRpcHandler):
-                raise ConfigError(f"{type(self).__name__} serves methods the native transport "
-                                  "cannot (a catch-all handler): use transport='grpcio'")
+            assert not isinstance(handlers, grpc.GenericRpcHandler)
             for name, handler in handlers.items():
                 path = f"/{service}/{name}"
                 parts = getattr(handler.stream_stream, "calloutkit_parts", None)
@@ -724,13 +727,10 @@ class BaseServer(abc.ABC):
                     methods[path] = ("bidi", _native.stream_opener(
                         new_context, answer, parse, enter, leave, loop), True,
                         end_idle_on_drain, idle)
-                elif (handler.unary_unary is not None and handler.response_serializer is None):
+                else:
                     methods[path] = ("unary", _native.unary_handler(
                         handler.unary_unary, handler.request_deserializer, loop), True, False,
                         None)
-                else:
-                    raise ConfigError(f"{type(self).__name__}: {path} is a kind of method the "
-                                      "native transport does not serve: use transport='grpcio'")
         if self.config.reflection:
             methods.update(self._native_reflection(loop))
         return methods
@@ -760,8 +760,34 @@ class BaseServer(abc.ABC):
                                        None, loop)
         return {path: ("bidi", opener, False, False, None)}
 
+    def _native_unservable(self) -> str | None:
+        """Why the native transport cannot serve this server's methods; None when it can.
+        It serves bidi streams made by `_stream_function` and unary methods taking bytes."""
+        for service, handlers in self._handlers():
+            if isinstance(handlers, grpc.GenericRpcHandler):
+                return (f"{type(self).__name__} serves methods the native transport cannot "
+                        "(a catch-all handler)")
+            for name, handler in handlers.items():
+                if getattr(handler.stream_stream, "calloutkit_parts", None) is not None:
+                    continue
+                if handler.unary_unary is None or handler.response_serializer is not None:
+                    return (f"{type(self).__name__}: /{service}/{name} is a kind of method "
+                            "the native transport does not serve")
+        return None
+
+    def _auto_falls_back(self) -> bool:
+        """Whether transport=auto, having chosen native, must serve on grpcio: this server's
+        methods are ones the native transport cannot serve (a proxy's catch-all handler)."""
+        if not self.config.transport_auto:
+            return False
+        unservable = self._native_unservable()
+        if unservable is not None:
+            logger.info("transport=auto: serving on grpcio, %s", unservable)
+            return True
+        return False
+
     async def _start_native(self) -> None:
-        from calloutkit._native import Server
+        from calloutkit_native import Server
 
         cfg = self.config
         loop = asyncio.get_running_loop()

@@ -1,4 +1,5 @@
-"""calloutkit's native gRPC transport (Rust); its Python side is calloutkit.runtime._native."""
+"""calloutkit's native gRPC transport (Rust), the calloutkit-native distribution; its Python
+side is calloutkit.runtime._native."""
 
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
