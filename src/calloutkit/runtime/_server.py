@@ -86,7 +86,7 @@ _NATIVE_MAX_STREAMS = 1024
 _HEALTH_CHECK = f"/{health.SERVICE_NAME}/Check"
 _HEALTH_WATCH = f"/{health.SERVICE_NAME}/Watch"
 # A method of the native transport: kind, handler, counted, end_idle_on_drain, idle timeout
-# and its message (see `calloutkit._native.Server`).
+# and its message (see `calloutkit_native.Server`).
 _NativeMethod = tuple[str, Any, bool, bool, tuple[float, str] | None]
 
 
