@@ -175,6 +175,28 @@ def read_until(process: subprocess.Popen[str], needle: str, limit: int = 200) ->
     raise AssertionError(f"{needle!r} never printed; output:\n{''.join(seen)}")
 
 
+def read_all(process: subprocess.Popen[str], needles: dict[str, int],
+             limit: int = 200) -> dict[str, list[str]]:
+    """Read lines until each needle was seen its number of times, in any order (workers may
+    print before their supervisor does); the lines that had each needle."""
+    assert process.stdout is not None
+    found: dict[str, list[str]] = {needle: [] for needle in needles}
+    seen = []
+    for _ in range(limit):
+        if all(len(found[needle]) >= count for needle, count in needles.items()):
+            return found
+        line = process.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        for needle in needles:
+            if needle in line:
+                found[needle].append(line)
+    if all(len(found[needle]) >= count for needle, count in needles.items()):
+        return found
+    raise AssertionError(f"{needles} never all printed; output:\n{''.join(seen)}")
+
+
 def stop_process(process: subprocess.Popen[Any]) -> None:
     """Kill a process started by `spawn` (its whole session) and close its pipe."""
     if process.poll() is None:

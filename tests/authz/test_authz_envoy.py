@@ -12,7 +12,7 @@ import sys
 import grpc
 import pytest
 from authz_harness import envoy_for, get  # noqa: F401 (a fixture)
-from conftest import LOOPBACK, free_port, read_until, spawn, stop_process
+from conftest import LOOPBACK, free_port, read_all, read_until, spawn, stop_process
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2 as apb
 from google.protobuf import wrappers_pb2
@@ -234,9 +234,7 @@ def test_workers_share_the_port_and_health_answers() -> None:
                      f"127.0.0.1:{port}", "--health_check_address", f"127.0.0.1:{health}",
                      "--disable_tls", "--workers", "2"])
     try:
-        read_until(process, "supervisor")
-        for _ in range(2):
-            read_until(process, "serving:")
+        read_all(process, {"supervisor": 1, "serving:": 2})
         pids = {_answering_pid(port) for _ in range(40)}
         assert len(pids) == 2 and process.pid not in pids
         assert http_request(f"http://127.0.0.1:{health}/").status == 200

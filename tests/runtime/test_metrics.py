@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import free_port, read_until, running, spawn, stop_process
+from conftest import free_port, read_all, running, spawn, stop_process
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -226,9 +226,7 @@ def test_workers_add_up_across_processes(temp_dir: str) -> None:
                      "--plaintext_address", f"127.0.0.1:{port}", "--health_check_address",
                      f"127.0.0.1:{health}", "--disable_tls", "--workers", "2"])
     try:
-        read_until(process, "supervisor")
-        for _ in range(2):
-            read_until(process, "serving:")
+        read_all(process, {"supervisor": 1, "serving:": 2})
         assert len(os.listdir(temp_dir)) == 1  # the supervisor's metrics folder
 
         async def traffic() -> set[str]:

@@ -337,7 +337,11 @@ def test_bad_transport_and_unservable_kinds_are_config_errors() -> None:
         Mutator(**LOOPBACK, environ={"CALLOUTKIT_TRANSPORT": "quic"})
     assert Mutator(**LOOPBACK, environ={"CALLOUTKIT_TRANSPORT": "Native"}).config.transport == (
         "native")
-    assert Mutator(**LOOPBACK, environ={}).config.transport == "grpcio"
+    # The default is auto, which takes native where calloutkit-native is installed (here).
+    default = Mutator(**LOOPBACK, environ={}).config
+    assert (default.transport, default.transport_auto) == ("native", True)
+    explicit = Mutator(**LOOPBACK, transport="native").config
+    assert (explicit.transport, explicit.transport_auto) == ("native", False)
 
 
 async def test_a_key_rustls_cannot_use_is_a_config_error(certs: Certs, tmp_path) -> None:
@@ -379,16 +383,6 @@ async def test_auto_serves_on_native_where_it_is_installed(caplog) -> None:
         replies = await raw_replies(server.plaintext_port, recorded_stream()[:1])
     assert pb.ProcessingResponse.FromString(replies[0]).HasField("request_headers")
     assert "transport=auto" not in caplog.text
-
-
-def test_auto_takes_grpcio_for_an_option_native_does_not_serve_and_says_so(caplog) -> None:
-    caplog.set_level(logging.INFO, logger="calloutkit")
-    server = Mutator(**LOOPBACK, transport="auto", stream_idle_timeout=5)
-    assert (server.config.transport, server.config.transport_auto) == ("grpcio", False)
-    (record,) = [r for r in caplog.records if "transport=auto" in r.getMessage()]
-    assert record.levelno == logging.INFO
-    assert record.getMessage() == ("transport=auto: serving on grpcio, the native transport "
-                                   "does not support stream_idle_timeout yet")
 
 
 async def test_auto_runs_a_proxy_on_grpcio_and_says_why(caplog) -> None:

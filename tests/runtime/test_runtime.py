@@ -250,7 +250,7 @@ async def test_sigterm_drains_the_open_stream_then_exits_zero(loop):
                     env={"SLOW_SECONDS": "1.5"})
     try:
         line = await asyncio.to_thread(read_until, process, "serving:")
-        assert line.rstrip().endswith(f"({loop} loop)")
+        assert line.rstrip().endswith((f"({loop} loop)", f"({loop} loop, native transport)"))
         grpc_port = int(line.split("grpc 127.0.0.1:")[1].split(",")[0])
         health_port = int(line.split("health http://127.0.0.1:")[1].split()[0])
         async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:

@@ -10,7 +10,7 @@ import time
 
 import grpc
 import pytest
-from conftest import free_port, read_until, run_cli, spawn, stop_process
+from conftest import free_port, read_all, read_until, run_cli, spawn, stop_process
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from calloutkit import ConfigError, ServerConfig
@@ -38,9 +38,7 @@ def test_workers_share_the_port_and_are_restarted():
                      "tests/servers/pid_server.py", "--plaintext_address", f"127.0.0.1:{port}",
                      "--combined_health_check", "--disable_tls", "--workers", "2"])
     try:
-        read_until(process, "supervisor")
-        for _ in range(2):
-            read_until(process, "serving:")
+        read_all(process, {"supervisor": 1, "serving:": 2})
         pids = {answering_pid(port) for _ in range(40)}
         assert len(pids) == 2 and process.pid not in pids
         os.kill(process.pid, signal.SIGHUP)  # passed on; a server without reload ignores it
@@ -82,10 +80,8 @@ def test_workers_die_with_a_killed_supervisor():
                      "--combined_health_check", "--disable_tls", "--workers", "2"])
     workers: list[int] = []
     try:
-        line = read_until(process, "supervisor")
+        (line,) = read_all(process, {"supervisor": 1, "serving:": 2})["supervisor"]
         workers = [int(pid) for pid in line.rsplit("[", 1)[1].rstrip("]\n").split(", ")]
-        for _ in range(2):
-            read_until(process, "serving:")
         assert {answering_pid(port) for _ in range(40)} == set(workers)
         os.kill(process.pid, signal.SIGKILL)
         process.wait(10)

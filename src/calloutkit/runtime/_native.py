@@ -121,7 +121,7 @@ class _Stream:
                  "_went_async")
 
     def __init__(self, call: Any, context: Any, answer: Callable[[Any, Any], Any],
-                 parse: Callable[[bytes], Any], leave: Callable[[], None] | None,
+                 parse: Callable[[bytes, Any], Any], leave: Callable[[], None] | None,
                  loop: asyncio.AbstractEventLoop) -> None:
         self._call = call
         self._context = context
@@ -134,7 +134,7 @@ class _Stream:
 
     def on_message(self, data: bytes) -> bytes | bool | None:
         try:
-            reply = self._answer(self._parse(data), self._context)
+            reply = self._answer(self._parse(data, self._context), self._context)
             if reply.__class__ is CoroutineType:
                 self._went_async = True
                 self._loop.call_soon_threadsafe(self._start, reply)
@@ -164,7 +164,7 @@ class _Stream:
 
 
 def stream_opener(new_context: Callable[[Any], Any], answer: Callable[[Any, Any], Any],
-                  parse: Callable[[bytes], Any], enter: Callable[[], bool],
+                  parse: Callable[[bytes, Any], Any], enter: Callable[[], bool],
                   leave: Callable[[], None] | None,
                   loop: asyncio.AbstractEventLoop) -> Callable[[Any], _Stream | None]:
     """What the transport calls for each new stream: None refuses it (UNAVAILABLE).

@@ -584,12 +584,12 @@ class BaseServer(abc.ABC):
                 self._watches.discard(watch)
                 self._leave_stream()
 
-        def parse_checked(data: bytes) -> Any:
+        def parse_checked(data: bytes, context: Any) -> Any:
             try:
                 return parse(data)
             except Exception as exc:
-                raise malformed(f"Process: malformed request, expected {full_name} "
-                                f"({describe(exc)})") from None
+                raise malformed(f"Process: malformed request from {_peer(context)}"
+                                f", expected {full_name} ({describe(exc)})") from None
 
         # The native transport calls the same pair, per message, without the generator (and
         # parses with the same answer to malformed bytes), and ends a stream waiting for its
@@ -611,12 +611,14 @@ class BaseServer(abc.ABC):
         self._loop = asyncio.get_running_loop()
         self._idle = asyncio.Event()
         self._stopped = asyncio.Event()
+        if self.config.metrics:
+            # Before anything asks for `_handlers()` (the transport's choice included): the
+            # stream functions they build count what they see.
+            self._start_metrics()
         if self.config.transport == "native" and not self._auto_falls_back():
             await self._start_native()
             return
         server = grpc.aio.server(options=self._grpc_options())
-        if self.config.metrics:
-            self._start_metrics()  # before the handlers: they count what they see
         handlers = list(self._handlers())
         names = [name for name, _ in handlers]
         table = _MethodTable()
@@ -747,7 +749,7 @@ class BaseServer(abc.ABC):
         path = f"/{reflection.SERVICE_NAME}/ServerReflectionInfo"
         malformed = MalformedInput(logger, "malformed request")
 
-        def parse(data: bytes) -> Any:
+        def parse(data: bytes, context: Any) -> Any:
             try:
                 return reflection_pb2.ServerReflectionRequest.FromString(data)
             except Exception as exc:
@@ -791,8 +793,6 @@ class BaseServer(abc.ABC):
 
         cfg = self.config
         loop = asyncio.get_running_loop()
-        if cfg.metrics:
-            self._start_metrics()  # before the method table: its streams count themselves
         self._health_names = ["", *(service for service, _ in self._handlers())]
         self._native_health = NativeHealth(self._health_names, self._healthy,
                                            MalformedInput(logger, "malformed request"))
