@@ -490,6 +490,9 @@ class BaseServer(abc.ABC):
             finally:
                 self._leave_stream()
 
+        # The native transport steps ``answer`` off the loop instead (runtime._native): it
+        # awaits nothing but `Invoker` calls.
+        call.calloutkit_answer = answer  # type: ignore[attr-defined]
         return grpc.unary_unary_rpc_method_handler(call)
 
     def _bidi_handler(self, service: str,
@@ -501,7 +504,7 @@ class BaseServer(abc.ABC):
 
     def _stream_function(self, new_context: Callable[[Any], C],
                          answer: Callable[[Any, C], Any], request_type: Any, *,
-                         end_idle_on_drain: bool = True,
+                         end_idle_on_drain: bool = True, off_loop: bool = True,
                          ) -> Callable[[AsyncIterator[bytes], Any], AsyncIterator[bytes]]:
         """The handler of a stream-per-request protocol (ext_proc L7 and L4).
 
@@ -517,6 +520,10 @@ class BaseServer(abc.ABC):
         With ``end_idle_on_drain``, a drain ends a stream that waits for its next message at
         once (UNAVAILABLE) instead of letting it hold the drain for the grace period; a
         stream mid-callback sends its reply first.
+
+        ``off_loop`` says the native transport may step ``answer``'s coroutines off the event
+        loop (runtime._native): true when they await nothing but `Invoker` calls, which move
+        to the loop by themselves when they need it.
         """
         timeout = self.config.stream_idle_timeout
         clock = asyncio.get_running_loop().time if timeout is not None else None
@@ -585,7 +592,7 @@ class BaseServer(abc.ABC):
         # parses with the same answer to malformed bytes), and ends a stream waiting for its
         # next message at the drain as this loop does.
         stream.calloutkit_parts = (  # type: ignore[attr-defined]
-            new_context, answer, parse_checked, end_idle_on_drain)
+            new_context, answer, parse_checked, end_idle_on_drain, off_loop)
         return stream
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -693,11 +700,17 @@ class BaseServer(abc.ABC):
             for name, handler in handlers.items():
                 path = f"/{service}/{name}"
                 parts = getattr(handler.stream_stream, "calloutkit_parts", None)
+                unary = getattr(handler.unary_unary, "calloutkit_answer", None)
                 if parts is not None:
-                    new_context, answer, parse, end_idle_on_drain = parts
+                    new_context, answer, parse, end_idle_on_drain, off_loop = parts
                     methods[path] = (True, _native.stream_opener(
-                        new_context, answer, parse, lambda: self._draining, loop),
-                        end_idle_on_drain)
+                        new_context, answer, parse, lambda: self._draining, loop, self._pool,
+                        off_loop), end_idle_on_drain)
+                elif unary is not None and not self.config.metrics:
+                    # No per-call accounting here: the transport counts its calls itself
+                    # (`active_streams`); with metrics, the calls are counted on the loop.
+                    methods[path] = (False, _native.unary_driver(
+                        unary, lambda: self._draining, loop, self._pool), False)
                 elif (handler.unary_unary is not None and handler.response_serializer is None):
                     methods[path] = (False, _native.unary_handler(
                         handler.unary_unary, handler.request_deserializer, loop), False)
