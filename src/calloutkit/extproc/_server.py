@@ -25,7 +25,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from ..runtime import _logging
 from ..runtime._errors import CalloutError, ErrorPolicy, StreamAbort, parse_error_policy
-from ..runtime._invoke import Invoker
+from ..runtime._invoke import Invoker, on_loop
 from ..runtime._malformed import RateLimitedLog
 from ..runtime._server import BaseServer, Handlers
 from ._context import CalloutContext
@@ -259,7 +259,12 @@ class CalloutServer(BaseServer):
             answer = _metered(answer, self._server_metrics)
         if _logging.enabled:
             new_context, answer = _with_stream_log(new_context, answer)
-        return self._stream_function(new_context, answer, pb.ProcessingRequest)
+        # An async callback is called straight from `_dispatch_now`, not through its Invoker:
+        # such a server's answers start on the loop, as they always did.
+        off_loop = not any(callback is not None and callback.is_async
+                           for callback in self._callbacks.values())
+        return self._stream_function(new_context, answer, pb.ProcessingRequest,
+                                     off_loop=off_loop)
 
     def _new_context(self, grpc_context: Any) -> CalloutContext:
         return CalloutContext(grpc_context, self.new_state())
@@ -334,7 +339,7 @@ class CalloutServer(BaseServer):
         try:
             result = callback.func(message, context)
             if result.__class__ not in _REPLY_CLASSES and inspect.isawaitable(result):
-                return self._finish(phase, result, request, context)
+                return self._finish(phase, on_loop(result), request, context)
             return self._reply(phase, result, request, context)
         except StreamAbort:
             raise

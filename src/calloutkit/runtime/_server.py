@@ -500,6 +500,9 @@ class BaseServer(abc.ABC):
             finally:
                 self._leave_stream()
 
+        # The native transport steps ``answer`` off the loop instead (runtime._native): it
+        # awaits nothing but `Invoker` calls.
+        call.calloutkit_answer = answer  # type: ignore[attr-defined]
         return grpc.unary_unary_rpc_method_handler(call)
 
     def _bidi_handler(self, service: str,
@@ -511,7 +514,7 @@ class BaseServer(abc.ABC):
 
     def _stream_function(self, new_context: Callable[[Any], C],
                          answer: Callable[[Any, C], Any], request_type: Any, *,
-                         end_idle_on_drain: bool = True,
+                         end_idle_on_drain: bool = True, off_loop: bool = True,
                          ) -> Callable[[AsyncIterator[bytes], Any], AsyncIterator[bytes]]:
         """The handler of a stream-per-request protocol (ext_proc L7 and L4).
 
@@ -527,6 +530,10 @@ class BaseServer(abc.ABC):
         With ``end_idle_on_drain``, a drain ends a stream that waits for its next message at
         once (UNAVAILABLE) instead of letting it hold the drain for the grace period; a
         stream mid-callback sends its reply first.
+
+        ``off_loop`` says the native transport may step ``answer``'s coroutines off the event
+        loop (runtime._native): true when they await nothing but `Invoker` calls, which move
+        to the loop by themselves when they need it.
         """
         timeout = self.config.stream_idle_timeout
         clock = asyncio.get_running_loop().time if timeout is not None else None
@@ -595,7 +602,7 @@ class BaseServer(abc.ABC):
         # parses with the same answer to malformed bytes), and ends a stream waiting for its
         # next message at the drain as this loop does.
         stream.calloutkit_parts = (  # type: ignore[attr-defined]
-            new_context, answer, parse_checked, end_idle_on_drain)
+            new_context, answer, parse_checked, end_idle_on_drain, off_loop)
         return stream
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -724,11 +731,17 @@ class BaseServer(abc.ABC):
             for name, handler in handlers.items():
                 path = f"/{service}/{name}"
                 parts = getattr(handler.stream_stream, "calloutkit_parts", None)
+                unary = getattr(handler.unary_unary, "calloutkit_answer", None)
                 if parts is not None:
-                    new_context, answer, parse, end_idle_on_drain = parts
+                    new_context, answer, parse, end_idle_on_drain, off_loop = parts
                     methods[path] = ("bidi", _native.stream_opener(
-                        new_context, answer, parse, enter, leave, loop), True,
-                        end_idle_on_drain, idle)
+                        new_context, answer, parse, enter, leave, loop, self._pool, off_loop),
+                        True, end_idle_on_drain, idle)
+                elif unary is not None and not self.config.metrics:
+                    # No per-call accounting here: the transport counts its calls itself
+                    # (`active_streams`); with metrics, the calls are counted on the loop.
+                    methods[path] = ("unary", _native.unary_driver(
+                        unary, lambda: self._draining, loop, self._pool), True, False, None)
                 else:
                     methods[path] = ("unary", _native.unary_handler(
                         handler.unary_unary, handler.request_deserializer, loop), True, False,
@@ -759,7 +772,7 @@ class BaseServer(abc.ABC):
             return next(iter(servicer.ServerReflectionInfo((request,), context)))
 
         opener = _native.stream_opener(lambda context: context, answer, parse, lambda: True,
-                                       None, loop)
+                                       None, loop, self._pool, False)
         return {path: ("bidi", opener, False, False, None)}
 
     def _native_unservable(self) -> str | None:
