@@ -45,6 +45,7 @@ class Echo(CalloutServer):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.sleeping = asyncio.Event()
         self.cancelled = asyncio.Event()
 
     @nonblocking
@@ -54,6 +55,7 @@ class Echo(CalloutServer):
     async def on_request_headers(self, headers, context):
         path = get_header(headers, ":path", "")
         if path == "/sleep":
+            self.sleeping.set()
             try:
                 await asyncio.sleep(30)
             except asyncio.CancelledError:
@@ -168,7 +170,9 @@ async def test_a_client_cancel_mid_stream_ends_the_callback_and_the_server_serve
         async with channel_for(server) as channel:
             call = process_call(channel)()
             await call.write(headers_request("/sleep"))
-            await until(lambda: server.active_streams == 1)
+            # Cancelled once the callback runs: a stream cancelled before its callback
+            # started has no callback to end.
+            await asyncio.wait_for(server.sleeping.wait(), 5)
             call.cancel()
             await asyncio.wait_for(server.cancelled.wait(), 5)
             await until(lambda: server.active_streams == 0)
