@@ -188,3 +188,24 @@ def test_unpaired_sections_take_ratios_within_the_round():
     assert result["variants"]["b"]["ratios"]["kb_per_stream"]["median"] < 0.3
     (goal,) = result["goals"]
     assert goal["value"] > 1.4 and not goal["met"]
+
+
+def test_threads_are_read_from_proc_and_grouped_by_name():
+    import threading
+
+    import threads
+
+    release = threading.Event()
+    helper = threading.Thread(target=release.wait)
+    helper.start()
+    try:
+        found = threads._threads(os.getpid())
+    finally:
+        release.set()
+        helper.join()
+    main_name = found[os.getpid()][0]
+    groups = {threads._group(os.getpid(), tid, name, main_name)
+              for tid, (name, _) in found.items()}
+    assert {"event loop (main thread)", "other Python threads (pool)"} <= groups
+    assert all(cpu >= 0 for _, cpu in found.values())
+    assert threads._group(1, 2, "calloutkit-tran", "python") == "transport thread"
