@@ -21,9 +21,12 @@ from load import CLOCK_TICKS, Server, grpc_frame, h2load
 from scenarios import EXT_PROC_PATH, ext_proc_message
 
 # Thread names as the kernel keeps them (15 characters). Python 3.11 does not name its
-# threads there, so the callback pool's threads carry the process's own name.
+# threads there, so a callback pool thread carries the name of the thread that started it:
+# the process's own, or the transport thread's when it was started from there (the oldest
+# thread of that name is the transport thread itself).
+_TRANSPORT_NAME = "calloutkit-tran"
 GROUPS = (
-    ("transport thread", re.compile(r"calloutkit-tran")),
+    ("transport thread", re.compile(_TRANSPORT_NAME)),
     ("grpc threads", re.compile(r"grpc|default-executo|resolver|timer_manager")),
 )
 
@@ -43,9 +46,11 @@ def _threads(pid: int) -> dict[int, tuple[str, float]]:
     return out
 
 
-def _group(pid: int, tid: int, name: str, main_name: str) -> str:
+def _group(pid: int, tid: int, name: str, main_name: str, transport: int | None = None) -> str:
     if tid == pid:
         return "event loop (main thread)"
+    if transport is not None and name == _TRANSPORT_NAME and tid != transport:
+        return "other Python threads (pool)"
     for group, pattern in GROUPS:
         if pattern.match(name):
             return group
@@ -71,8 +76,11 @@ def measure(impl: str, transport: str, streams: int) -> dict[str, float]:
         raise SystemExit(f"{impl}: {result.failed} streams failed")
     spent: dict[str, float] = defaultdict(float)
     main_name = after[pid][0]
+    transport = min((tid for tid, (name, _) in after.items() if name == _TRANSPORT_NAME),
+                    default=None)
     for tid, (name, cpu) in after.items():
-        spent[_group(pid, tid, name, main_name)] += cpu - before.get(tid, (name, 0.0))[1]
+        group = _group(pid, tid, name, main_name, transport)
+        spent[group] += cpu - before.get(tid, (name, 0.0))[1]
     per_stream = {group: seconds * 1e6 / result.streams for group, seconds in spent.items()}
     per_stream["total"] = sum(per_stream.values())
     per_stream["streams/s"] = result.rate

@@ -209,3 +209,6 @@ def test_threads_are_read_from_proc_and_grouped_by_name():
     assert {"event loop (main thread)", "other Python threads (pool)"} <= groups
     assert all(cpu >= 0 for _, cpu in found.values())
     assert threads._group(1, 2, "calloutkit-tran", "python") == "transport thread"
+    # A pool thread started from the transport thread inherits its name; the oldest is it.
+    assert threads._group(1, 7, "calloutkit-tran", "python", 5) == "other Python threads (pool)"
+    assert threads._group(1, 5, "calloutkit-tran", "python", 5) == "transport thread"
