@@ -9,7 +9,8 @@ IMPL is ``floor`` or ``floor-readwrite`` (the bare grpc.aio servicers of `floor.
 the calloutkit callbacks below do what `floor.py` does, written the documented way.
 ``--loop`` picks the event loop for either side, so that loops can be compared like for like;
 ``--transport`` picks calloutkit's gRPC transport (``grpcio`` or ``native``; left out, the
-``CALLOUTKIT_TRANSPORT`` variable or the default decides).
+``CALLOUTKIT_TRANSPORT`` variable, else ``grpcio``: the sections that name no transport are
+the grpc.aio comparisons of docs/performance.md, kept comparable from run to run).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 from typing import Any
 
 import floor
@@ -147,7 +149,7 @@ def main() -> None:
     server = CALLOUTKIT[args.impl, args.work](
         plaintext_address=("127.0.0.1", args.port), disable_tls=True,
         combined_health_check=True, workers=args.workers, event_loop=args.loop,
-        **({"transport": args.transport} if args.transport else {}))
+        transport=args.transport or os.environ.get("CALLOUTKIT_TRANSPORT", "grpcio"))
     server.run()
 
 
