@@ -261,7 +261,7 @@ fn text(tag: u8, content: &[u8]) -> Option<Vec<u8>> {
         // BMPString (UCS-2) and UniversalString (UCS-4), big-endian
         0x1e | 0x1c => {
             let width = if tag == 0x1e { 2 } else { 4 };
-            if !content.len().is_multiple_of(width) {
+            if content.len() % width != 0 {
                 return None;
             }
             content
