@@ -37,7 +37,10 @@ lint: $(STAMP)
 	cargo fmt --check --manifest-path native/Cargo.toml
 	cargo clippy --quiet --release --manifest-path native/Cargo.toml -- -D warnings
 
+# The Rust unit tests (the wire rules of native/src/grpc.rs, x509 reading) before the suite,
+# which drives the same code over real sockets.
 test: lint
+	cargo test --quiet --release --manifest-path native/Cargo.toml
 	$(BIN)/pytest
 
 # Refresh the locks after changing a dependency in pyproject.toml (or to take new releases);
