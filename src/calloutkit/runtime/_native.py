@@ -124,12 +124,13 @@ class _Driver:
     The coroutine runs here until it yields (`runtime._invoke`): a `PoolJob` goes to the pool,
     whose thread sends the callback's result back in and goes on from there; `TO_LOOP` hands
     the coroutine to the loop, whose task resumes it (an ``async def`` callback, a ``def`` one
-    that returned an awaitable, middleware). Through Envoy this took a ``def`` callback's
-    answer's CPU per request from 0.31x to 0.25x the grpc.aio floor's, and straight at the
-    server from 7.6k to 24.8k one-message streams/s (bench/, ``make bench BENCH_ARGS="--quick
-    --only native-envoy-headers --only native-grpc-streams"``, one interleaved round on 2
-    shared cores): the transport thread no longer wakes the loop, nor the pool thread the loop
-    again, for every message.
+    that returned an awaitable, middleware). The transport thread no longer wakes the loop,
+    nor the pool thread the loop again, for every message: straight at the server that took
+    ``def`` callbacks from 7.6k to 24.8k one-message streams/s (``make bench
+    BENCH_ARGS="--quick --only native-grpc-streams"``, before and after in one session), and
+    through Envoy from 0.31-0.34x the grpc.aio floor's CPU per request, with the floor's p99,
+    to 0.19x and 0.35x its p99 (``make bench BENCH_ARGS="--only native"``,
+    docs/performance.md).
     """
 
     __slots__ = ("_call", "_coro", "_loop", "_pool")
