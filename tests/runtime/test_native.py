@@ -6,20 +6,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import grpc
 import pytest
-from conftest import LOOPBACK, REPO, Certs, read_until, running, spawn, stop_process
+from conftest import LOOPBACK, REPO, Certs, running
 from envoy.service.auth.v3 import external_auth_pb2 as apb
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from grpc_health.v1 import health_pb2
-from test_runtime import grpc_health, headers_request, http_status, process_call
+from test_runtime import grpc_health, headers_request, process_call
 
 from calloutkit import (
     AuthzServer,
@@ -396,47 +394,6 @@ async def test_auto_runs_a_proxy_on_grpcio_and_says_why(caplog) -> None:
     (line,) = [r.getMessage() for r in caplog.records if "transport=auto" in r.getMessage()]
     assert line == ("transport=auto: serving on grpcio, ProxyServer serves methods the native "
                     "transport cannot (a catch-all handler)")
-
-
-@pytest.fixture
-async def slow_native_process() -> AsyncIterator[tuple[subprocess.Popen[str], int, int]]:
-    process = spawn([sys.executable, "-m", "calloutkit", "serve",
-                     "tests/servers/slow_server.py", "--plaintext_address", "127.0.0.1:0",
-                     "--health_check_address", "127.0.0.1:0", "--disable_tls",
-                     "--transport", "native"], env={"SLOW_SECONDS": "1.5"})
-    try:
-        line = await asyncio.to_thread(read_until, process, "serving:")
-        assert "native transport" in line
-        grpc_port = int(line.split("grpc 127.0.0.1:")[1].split(",")[0])
-        health_port = int(line.split("health http://127.0.0.1:")[1].split()[0])
-        yield process, grpc_port, health_port
-    finally:
-        stop_process(process)
-
-
-async def test_sigterm_drains_the_open_stream_then_exits_zero(slow_native_process) -> None:
-    process, grpc_port, health_port = slow_native_process
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
-        stream = process_call(channel)()
-        await stream.write(headers_request())
-        await asyncio.sleep(0.3)  # the callback is now sleeping
-        os.kill(process.pid, signal.SIGTERM)
-        await asyncio.sleep(0.3)
-        # A new connection is still answered while draining: health says NOT_SERVING, the
-        # protocol refuses.
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as fresh:
-            assert await grpc_health(fresh) == health_pb2.HealthCheckResponse.NOT_SERVING
-            refused = process_call(fresh)()
-            assert await refused.code() == grpc.StatusCode.UNAVAILABLE
-            assert await refused.details() == "server is draining"
-        status = await asyncio.to_thread(http_status, f"http://127.0.0.1:{health_port}/")
-        assert status == 503
-        reply = await asyncio.wait_for(stream.read(), 10)
-        assert reply.request_headers.response.header_mutation.set_headers[0].header.key == (
-            "x-slow")
-        # Answered, the stream would now wait for its next message: the drain ends it.
-        assert await stream.code() == grpc.StatusCode.UNAVAILABLE
-    assert await asyncio.to_thread(process.wait, 15) == 0
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)

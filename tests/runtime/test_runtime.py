@@ -241,16 +241,18 @@ def test_run_blocks_and_shutdown_works_from_another_thread():
     assert not runner.is_alive()
 
 
+@pytest.mark.parametrize("transport", ["grpcio", "native"])
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
-async def test_sigterm_drains_the_open_stream_then_exits_zero(loop):
+async def test_sigterm_drains_the_open_stream_then_exits_zero(loop, transport):
     process = spawn([sys.executable, "-m", "calloutkit", "serve",
                      "tests/servers/slow_server.py", "--plaintext_address", "127.0.0.1:0",
                      "--health_check_address", "127.0.0.1:0", "--disable_tls",
-                     "--event_loop", loop],
+                     "--event_loop", loop, "--transport", transport],
                     env={"SLOW_SECONDS": "1.5"})
     try:
         line = await asyncio.to_thread(read_until, process, "serving:")
-        assert line.rstrip().endswith((f"({loop} loop)", f"({loop} loop, native transport)"))
+        named = ", native transport" if transport == "native" else ""
+        assert line.rstrip().endswith(f"({loop} loop{named})")
         grpc_port = int(line.split("grpc 127.0.0.1:")[1].split(",")[0])
         health_port = int(line.split("health http://127.0.0.1:")[1].split()[0])
         async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
@@ -260,12 +262,20 @@ async def test_sigterm_drains_the_open_stream_then_exits_zero(loop):
             os.kill(process.pid, signal.SIGTERM)
             await asyncio.sleep(0.3)
             assert await grpc_health(channel) == health_pb2.HealthCheckResponse.NOT_SERVING
+            # A new connection is still answered while draining: health says NOT_SERVING,
+            # the protocol refuses.
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as fresh:
+                assert await grpc_health(fresh) == health_pb2.HealthCheckResponse.NOT_SERVING
+                refused = process_call(fresh)()
+                assert await refused.code() == grpc.StatusCode.UNAVAILABLE
+                assert await refused.details() == "server is draining"
             status = await asyncio.to_thread(http_status, f"http://127.0.0.1:{health_port}/")
             assert status == 503
             reply = await asyncio.wait_for(stream.read(), 10)
             assert reply.request_headers.response.header_mutation.set_headers[0].header.key == (
                 "x-slow")
-            await stream.done_writing()
+            # Answered, the stream would now wait for its next message: the drain ends it.
+            assert await stream.code() == grpc.StatusCode.UNAVAILABLE
         assert await asyncio.to_thread(process.wait, 15) == 0
     finally:
         stop_process(process)
