@@ -6,7 +6,8 @@ inherit it), and its id names the transport, e.g. ``test_x[native]``. Left out:
 
 - tests marked ``no_server`` (they start no server, so the transport changes nothing);
 - tests that choose their transports themselves, through a ``transport`` argument or
-  fixture, so that they do not run twice over.
+  fixture, or marked ``own_transport`` (they name it where they build their servers), so
+  that they do not run twice over.
 
 The setting is module-scoped, so that a module-scoped fixture that starts a server can be
 built once per transport: such a fixture names ``server_transport`` among its arguments,
@@ -22,7 +23,7 @@ from pathlib import Path
 import pytest
 
 TRANSPORTS = ("native", "grpcio")
-SUITES = {"extproc", "network", "tyk", "authz"}
+SUITES = {"extproc", "network", "tyk", "authz", "runtime"}
 VARIABLE = "CALLOUTKIT_TRANSPORT"
 
 
@@ -32,8 +33,9 @@ def parametrize(metafunc: pytest.Metafunc) -> None:
         return
     if Path(metafunc.definition.path).parent.name not in SUITES:
         return
-    if metafunc.definition.get_closest_marker("no_server") or "transport" in (
-            metafunc.fixturenames):
+    definition = metafunc.definition
+    if (definition.get_closest_marker("no_server") or definition.get_closest_marker(
+            "own_transport") or "transport" in metafunc.fixturenames):
         return
     metafunc.parametrize("server_transport", TRANSPORTS, indirect=True, scope="module")
 

@@ -37,6 +37,10 @@ from calloutkit.testing import check_request, data_request, http_headers
 from calloutkit.tyk import Hook, Object, Plugin, PluginCall, TykPluginServer
 from calloutkit.tyk.testing import HttpRequest, request_object
 
+# Every server here names its transport.
+pytestmark = pytest.mark.own_transport
+
+
 NATIVE = {**LOOPBACK, "transport": "native"}
 METHOD = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
 TRANSPORTS = ["grpcio", "native"]

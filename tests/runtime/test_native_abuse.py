@@ -11,11 +11,16 @@ import time
 from collections.abc import Callable
 
 import grpc
+import pytest
 from conftest import LOOPBACK, running
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from calloutkit import CalloutServer, add_header_mutation, get_header
 from calloutkit.testing import http_headers
+
+# Every server here names its transport.
+pytestmark = pytest.mark.own_transport
+
 
 METHOD = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
