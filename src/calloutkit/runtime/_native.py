@@ -239,19 +239,12 @@ class _Stream(_Driver):
             if reply.__class__ is CoroutineType:
                 if self._off_loop:
                     return self._drive(reply)
-                self._went_async = True
-                self._loop.call_soon_threadsafe(self._start, reply)
+                self._to_loop(reply)
                 return PENDING
             return _to_bytes(reply)
         except Exception as error:
             _fail(self._call, error)
             return PENDING
-
-    def _start(self, pending: Any) -> None:
-        self._task = self._loop.create_task(_complete(self._call, pending))
-        # A task cancelled before its first step never starts the answer's coroutine; close
-        # it then, or Python warns of a coroutine never awaited. (Once it ran, this is a no-op.)
-        self._task.add_done_callback(lambda _: pending.close())
 
     def _to_loop(self, coro: Any) -> None:
         self._went_async = True
@@ -268,7 +261,7 @@ class _Stream(_Driver):
         if self._leave is not None:
             self._leave()
         # Only a stream that ever handed work to the loop has anything there to cancel; the
-        # callbacks run in order, so `_cancel` sees the task `_start` made. (An answer that
+        # callbacks run in order, so `_cancel` sees the task `_adopt` made. (An answer that
         # is in a pool thread finishes there, and its reply is dropped.)
         if self._went_async:
             self._loop.call_soon_threadsafe(self._cancel)
