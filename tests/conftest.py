@@ -197,6 +197,15 @@ def read_all(process: subprocess.Popen[str], needles: dict[str, int],
     raise AssertionError(f"{needles} never all printed; output:\n{''.join(seen)}")
 
 
+def alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie nobody has reaped yet counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def stop_process(process: subprocess.Popen[Any]) -> None:
     """Kill a process started by `spawn` (its whole session) and close its pipe."""
     if process.poll() is None:

@@ -7,7 +7,7 @@ import signal
 import sys
 import time
 
-from conftest import free_port, read_until, run_cli, spawn, stop_process
+from conftest import alive, free_port, read_until, run_cli, spawn, stop_process
 
 
 def envoy_folders(folder: str) -> list[str]:
@@ -35,14 +35,6 @@ def _envoy_children(pid: int) -> list[int]:
     return found
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def test_sigterm_stops_the_demo_and_its_envoy(temp_dir):
     envoys: list[int] = []
     demo = spawn([sys.executable, "-m", "calloutkit", "demo", "--port", str(free_port())],
@@ -56,11 +48,11 @@ def test_sigterm_stops_the_demo_and_its_envoy(temp_dir):
         assert demo.wait(30) == 0
         assert envoy_folders(temp_dir) == []
         deadline = time.monotonic() + 10
-        while any(_alive(pid) for pid in envoys) and time.monotonic() < deadline:
+        while any(alive(pid) for pid in envoys) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not any(_alive(pid) for pid in envoys), "Envoy outlived the demo"
+        assert not any(alive(pid) for pid in envoys), "Envoy outlived the demo"
     finally:
         stop_process(demo)
         for pid in envoys:
-            if _alive(pid):
+            if alive(pid):
                 os.kill(pid, signal.SIGKILL)

@@ -10,7 +10,7 @@ import time
 
 import grpc
 import pytest
-from conftest import free_port, read_all, read_until, run_cli, spawn, stop_process
+from conftest import alive, free_port, read_all, read_until, run_cli, spawn, stop_process
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from calloutkit import ConfigError, ServerConfig
@@ -64,14 +64,6 @@ def test_workers_need_fixed_ports():
                            combined_health_check=True, workers=2)
 
 
-def _alive(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie nobody has reaped yet counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
 
 def test_workers_die_with_a_killed_supervisor():
     port = free_port()
@@ -86,13 +78,13 @@ def test_workers_die_with_a_killed_supervisor():
         os.kill(process.pid, signal.SIGKILL)
         process.wait(10)
         deadline = time.monotonic() + 2
-        while time.monotonic() < deadline and any(_alive(pid) for pid in workers):
+        while time.monotonic() < deadline and any(alive(pid) for pid in workers):
             time.sleep(0.05)
-        assert [pid for pid in workers if _alive(pid)] == []
+        assert [pid for pid in workers if alive(pid)] == []
     finally:
         stop_process(process)
         for pid in workers:
-            if _alive(pid):
+            if alive(pid):
                 os.kill(pid, signal.SIGKILL)
 
 
