@@ -64,7 +64,6 @@ def test_workers_need_fixed_ports():
                            combined_health_check=True, workers=2)
 
 
-
 def test_workers_die_with_a_killed_supervisor():
     port = free_port()
     process = spawn([sys.executable, "-m", "calloutkit", "serve",
