@@ -1080,16 +1080,24 @@ async def test_failing_mirror_does_not_affect_client(proxy: Proxy, backends: Bac
     assert [e.code() for e in errors] == [Code.UNAVAILABLE] * 2  # type: ignore[attr-defined]
 
 
-async def test_lagging_mirror_is_cut_off(proxy: Proxy, backends: Backends) -> None:
-    """E7: with DROP a mirror that cannot keep up is cut off and reported; BLOCK waits."""
-    a, m = await backends("a"), await backends("mirror")
-    policy = MirrorPolicy(queue_size=2)
+def mirror_to_a_blocked(proxy: Proxy, a: EchoBackend, m: EchoBackend, policy: MirrorPolicy,
+                        **parameters: Any) -> list[BaseException]:
+    """Route calls to backend ``a`` and mirror them, by ``policy``, to ``m`` told to block
+    (``x-block``); the list returned collects what the mirror's err_handler hears."""
     errors: list[BaseException] = []
     proxy.director = lambda meth, c, p: StreamParameters(
         Destination(a.target),
         [Destination(m.target, err_handler=lambda e: errors.append(e) or e,
                      metadata=[("x-block", "1")])],
-        mirror=policy, secondary_overflow=Overflow.DROP)
+        mirror=policy, **parameters)
+    return errors
+
+
+async def test_lagging_mirror_is_cut_off(proxy: Proxy, backends: Backends) -> None:
+    """E7: with DROP a mirror that cannot keep up is cut off and reported; BLOCK waits."""
+    a, m = await backends("a"), await backends("mirror")
+    policy = MirrorPolicy(queue_size=2)
+    errors = mirror_to_a_blocked(proxy, a, m, policy, secondary_overflow=Overflow.DROP)
     # The blocked mirror reads nothing; big frames fill the flow-control window and its queue.
     blob = b"x" * (256 * 1024)
     call = proxy.echo.Bidi()
@@ -1132,12 +1140,7 @@ async def test_block_overflow_back_pressures(proxy: Proxy, backends: Backends) -
 async def test_mirror_cap_skips_and_reports(proxy: Proxy, backends: Backends) -> None:
     a, m = await backends("a"), await backends("mirror")
     policy = MirrorPolicy(max_in_flight=1)
-    errors: list[BaseException] = []
-    proxy.director = lambda meth, c, p: StreamParameters(
-        Destination(a.target),
-        [Destination(m.target, err_handler=lambda e: errors.append(e) or e,
-                     metadata=[("x-block", "1")])],
-        mirror=policy)
+    errors = mirror_to_a_blocked(proxy, a, m, policy)
     await proxy.echo.Unary(ping())
     await proxy.echo.Unary(ping())
     assert policy.in_flight == 1 and len(m.calls) == 1
@@ -1150,12 +1153,7 @@ async def test_mirror_cap_skips_and_reports(proxy: Proxy, backends: Backends) ->
 async def test_mirror_timeout(proxy: Proxy, backends: Backends) -> None:
     a, m = await backends("a"), await backends("mirror")
     policy = MirrorPolicy(timeout=0.2)
-    errors: list[BaseException] = []
-    proxy.director = lambda meth, c, p: StreamParameters(
-        Destination(a.target),
-        [Destination(m.target, err_handler=lambda e: errors.append(e) or e,
-                     metadata=[("x-block", "1")])],
-        mirror=policy)
+    errors = mirror_to_a_blocked(proxy, a, m, policy)
     assert (await proxy.echo.Unary(ping())).backend == "a"
     await policy.wait_idle()
     assert [e.code() for e in errors] == [Code.DEADLINE_EXCEEDED]  # type: ignore[attr-defined]
@@ -1169,12 +1167,7 @@ async def test_stuck_streaming_mirror_reports_why(proxy: Proxy, backends: Backen
     a, m = await backends("a"), await backends("mirror")
     timeout = 0.5 if stuck == "timeout" else 30
     policy = MirrorPolicy(timeout=timeout, queue_size=1000 if stuck == "timeout" else 2)
-    errors: list[BaseException] = []
-    proxy.director = lambda meth, c, p: StreamParameters(
-        Destination(a.target),
-        [Destination(m.target, err_handler=lambda e: errors.append(e) or e,
-                     metadata=[("x-block", "1")])],
-        mirror=policy, secondary_overflow=Overflow.DROP)
+    errors = mirror_to_a_blocked(proxy, a, m, policy, secondary_overflow=Overflow.DROP)
     blob = b"x" * (256 * 1024)  # a few of these fill the flow-control window: writes stall
     call = proxy.echo.Bidi()
     started = time.monotonic()
