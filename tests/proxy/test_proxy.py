@@ -18,8 +18,8 @@ import pytest
 from proxy_testservice import (
     BIG,
     EchoBackend,
-    assert_no_tasks_left,
     early_end_outcomes,
+    no_leftovers,  # noqa: F401 (autouse: no task left behind)
     protos,
 )
 
@@ -46,11 +46,6 @@ Code = grpc.StatusCode
 
 # -- fixtures ---------------------------------------------------------------------------------
 
-@pytest.fixture(autouse=True)
-async def no_leftovers() -> AsyncIterator[None]:
-    """E14: after each case, no task of the proxy (or anyone) is still running."""
-    yield
-    await assert_no_tasks_left()
 
 
 class Backends:

@@ -9,33 +9,30 @@ import re
 import signal
 import subprocess
 import sys
-import textwrap
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 import pytest
-from proxy_testservice import HERE, EchoBackend, assert_no_tasks_left, protos
+from proxy_testservice import (
+    HERE,
+    SERVER,
+    EchoBackend,
+    no_leftovers,  # noqa: F401 (autouse: no task left behind)
+    parse_routes,
+    protos,
+)
 
 from calloutkit import CalloutServer, add_header_mutation
-from calloutkit.proxy import ProxyServer, RoutingConfig
+from calloutkit.proxy import ProxyServer
 from calloutkit.testing import Envoy, UpstreamServer, envoy_config, http_request
 
 pb, pb_grpc = protos()
-SERVER = {"plaintext_address": ("127.0.0.1", 0), "disable_tls": True,
-          "combined_health_check": True, "grace_period": 5}
 
 
 
-@pytest.fixture(autouse=True)
-async def no_leftovers() -> AsyncIterator[None]:
-    """No task the proxy started may outlive a test."""
-    yield
-    await assert_no_tasks_left()
 
 
-def routing(text: str) -> RoutingConfig:
-    return RoutingConfig.parse(textwrap.dedent(text), "routes.yaml")
 
 
 # -- (a) Envoy ext_proc streams routed by grpc_service.initial_metadata -----------------------
@@ -74,7 +71,7 @@ async def test_envoy_ext_proc_streams_routed_by_metadata() -> None:
     a, b = Tagger("a", **SERVER), Tagger("b", **SERVER)
     await a.start()
     await b.start()
-    proxy = ProxyServer(routing(f"""
+    proxy = ProxyServer(parse_routes(f"""
         backends:
           a: {{targets: 127.0.0.1:{a.plaintext_port}}}
           b: {{targets: 127.0.0.1:{b.plaintext_port}}}
@@ -140,7 +137,7 @@ async def test_backend_killed_mid_stream_then_restarted(spawned: list[Any]) -> N
     process, port = await _spawn("doomed")
     spawned.append(process)
     other = await EchoBackend("other").start()
-    proxy = ProxyServer(routing(f"""
+    proxy = ProxyServer(parse_routes(f"""
         backends:
           plugins: {{targets: 127.0.0.1:{port}}}
           other: {{targets: {other.target}}}
@@ -219,7 +216,7 @@ async def test_tyk_plugin_servers_per_api_behind_one_proxy() -> None:
         team_server("a"), team_server("b"), team_server("default"))
     for server in (team_a, team_b, fallback):
         await server.start()
-    proxy = ProxyServer(routing(f"""
+    proxy = ProxyServer(parse_routes(f"""
         backends:
           team-a: {{targets: 127.0.0.1:{team_a.plaintext_port}}}
           team-b: {{targets: 127.0.0.1:{team_b.plaintext_port}}}

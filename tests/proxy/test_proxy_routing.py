@@ -19,7 +19,15 @@ import grpc
 import pytest
 from conftest import free_port, read_until, spawn, stop_process
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from proxy_testservice import BIG, EchoBackend, assert_no_tasks_left, early_end_outcomes, protos
+from proxy_testservice import (
+    BIG,
+    SERVER,
+    EchoBackend,
+    early_end_outcomes,
+    no_leftovers,  # noqa: F401 (autouse: no task left behind)
+    parse_routes,
+    protos,
+)
 
 from calloutkit import ConfigError
 from calloutkit.proxy import (
@@ -40,25 +48,16 @@ from calloutkit.tyk.testing import (
 
 pb, pb_grpc = protos()
 Code = grpc.StatusCode
-SERVER = {"plaintext_address": ("127.0.0.1", 0), "disable_tls": True,
-          "combined_health_check": True, "grace_period": 5}
 
 
 
-@pytest.fixture(autouse=True)
-async def no_leftovers() -> AsyncIterator[None]:
-    """No task the proxy started may outlive a test."""
-    yield
-    await assert_no_tasks_left()
 
 
-def parse(text: str) -> RoutingConfig:
-    return RoutingConfig.parse(textwrap.dedent(text), "routes.yaml")
 
 
 def error_of(text: str) -> str:
     with pytest.raises(ConfigError) as info:
-        parse(text)
+        parse_routes(text)
     return str(info.value)
 
 
@@ -95,7 +94,7 @@ FULL = """\
 
 
 def test_full_file_parses() -> None:
-    config = parse(FULL)
+    config = parse_routes(FULL)
     assert config.listeners == {"plaintext_address": ("127.0.0.1", 5555),
                                 "combined_health_check": True, "grace_period": 10.0}
     assert config.unary_methods == {"/coprocess.Dispatcher/Dispatch"}
@@ -175,7 +174,7 @@ def test_errors_name_file_line_and_key(text: str, expected: str) -> None:
 
 
 def test_hook_type_spellings() -> None:
-    config = parse("""\
+    config = parse_routes("""\
         backends: {a: {targets: x:1}}
         routes:
           - match: {tyk: {hook_type: [pre, post_key_auth, auth_check, CustomKeyCheck, 5]}}
@@ -264,7 +263,7 @@ async def serve() -> AsyncIterator[Any]:
     async def start(config: str | Path | RoutingConfig, **options: Any) -> tuple[ProxyServer,
                                                                              Client]:
         if isinstance(config, str):
-            config = parse(config)
+            config = parse_routes(config)
         server = ProxyServer(config, **{**SERVER, **options})
         await server.start()
         client = Client(server)
@@ -661,7 +660,7 @@ async def test_reload_applies_the_security_section(echo: Any, serve: Any,
 
 def test_listener_precedence(tmp_path: Path) -> None:
     """Arguments, then CALLOUTKIT_* variables, then the file's listeners."""
-    config = parse("""\
+    config = parse_routes("""\
         listeners: {plaintext_address: 127.0.0.1:5001, grace_period: 7}
         backends: {a: {targets: x:1}}
         default: a

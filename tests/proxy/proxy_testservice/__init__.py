@@ -26,10 +26,15 @@ import importlib
 import os
 import sys
 import tempfile
+import textwrap
+from collections.abc import AsyncIterator
 from types import ModuleType
 from typing import Any
 
 import grpc
+import pytest
+
+from calloutkit.proxy import RoutingConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BIG = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1),
@@ -66,6 +71,25 @@ async def assert_no_tasks_left(timeout: float = 2.0) -> None:
             return
         await asyncio.sleep(0.01)
     raise AssertionError(f"tasks left behind: {left}")
+
+
+@pytest.fixture(autouse=True)
+async def no_leftovers() -> AsyncIterator[None]:
+    """After each test of a module that imports this fixture, no task of the proxy (or
+    anyone) is still running."""
+    yield
+    await assert_no_tasks_left()
+
+
+#: A proxy or backend server on a free loopback port, plaintext, health on the gRPC port.
+SERVER = {"plaintext_address": ("127.0.0.1", 0), "disable_tls": True,
+          "combined_health_check": True, "grace_period": 5}
+
+
+def parse_routes(text: str) -> RoutingConfig:
+    """A routing file's text (indented as in a test) parsed as ``routes.yaml``."""
+    return RoutingConfig.parse(textwrap.dedent(text), "routes.yaml")
+
 
 
 @dataclasses.dataclass
